@@ -1,0 +1,1 @@
+"""ml_collections config files, one per scenario; each defines get_config()."""
