@@ -1,0 +1,58 @@
+"""The embedded default: built-in Amazon-like synthetic data, DeepRec's DIN, a few minutes on 2 cores.
+
+Every seed flag of DeepRec's DIN train.py that din_jax covers is a field here with the seed's name;
+override any field on the command line as --config.field=value.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from input_pipeline.synthetic import SyntheticSpec
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """All knobs and their defaults in one place."""
+    config = ml_collections.ConfigDict()
+
+    # --- data -------------------------------------------------------------------------------------
+    # 'synthetic': generate Amazon-like raw files and prepare them with the DIEN preparation;
+    # 'dien': read a prepared DIEN directory (local_{train,test}_splitByUser + uid/mid/cat_voc).
+    config.dataset = "synthetic"
+    config.data_dir = ""            # seed --data_location; '' with 'synthetic' -> WORKDIR/data
+    config.synthetic = ml_collections.ConfigDict(dataclasses.asdict(SyntheticSpec()))  # sizes and shape
+    config.synthetic.seed = 0
+    config.prepare_seed = 3         # seed of the DIEN preparation (negative sampling, train/test split)
+    config.max_seq_length = 50      # DeepRec truncates histories to 50 entries
+    config.history_keep = "first"   # 'first' (oldest 50, DeepRec) or 'last' (newest 50)
+
+    # --- model ------------------------------------------------------------------------------------
+    config.model = ml_collections.ConfigDict(dict(
+        embedding_dim=18,
+        attention_hidden=(80, 40),
+        mlp_hidden=(200, 80),
+        mlp_out=2,
+        batch_norm="frozen",        # DeepRec parity; 'batch' = batch statistics; 'none'
+        activation="relu",          # 'relu' (DeepRec) or 'dice'
+        attention="softmax",        # 'softmax' (DeepRec), 'unnormalized' (DIN paper), 'mean' (no attention)
+    ))
+
+    # --- training (seed flags) --------------------------------------------------------------------
+    config.batch_size = 512         # seed README: 512
+    config.eval_batch_size = 2048   # evaluation only; does not change any metric
+    config.steps = 0                # 0 = one epoch, as in the seed
+    config.no_eval = False
+    config.seed = 2021
+    config.learning_rate = 0.001
+    config.optimizer = "adam"       # adam | adagrad
+    config.clip_norm = 5.0          # per-tensor tf.clip_by_norm, as DeepRec's DIN
+    config.checkpoint_dir = ""      # seed --checkpoint; '' -> WORKDIR/checkpoints
+    config.save_steps = 0           # periodic checkpoints every N steps, 0 = only the final one
+    config.keep_checkpoint_max = 1
+    config.timeline = 0             # profile N steps with jax.profiler (TensorBoard / Perfetto trace)
+
+    # --- reporting --------------------------------------------------------------------------------
+    config.log_every_steps = 50
+    config.eval_every_steps = 0     # 0 = evaluate once at the end
+    config.progress_bar = True
+    return config

@@ -1,0 +1,208 @@
+"""A seeded generator of Amazon-like raw data (McAuley review + meta files) with multi-interest users.
+
+The files have the same fields and layout as the real `reviews_<Cat>_5.json.gz` (one JSON object a
+line) and `meta_<Cat>.json.gz` (one Python-literal dict a line), so they go through the real DIEN
+preparation (`input_pipeline.amazon`) unchanged. This is the built-in default's data source.
+
+Why attention matters on it: every user holds `interests_per_user` unrelated interests (categories),
+one of them dominant. Most reviews come from the dominant interest, but the user's last review - the
+positive that DIEN's preparation turns into the labelled pair - comes from a minor interest with
+probability `minor_last_prob`, and then usually from the same item *series* as an earlier review of
+that interest (books of a series, parts of a kit). Plain sum pooling sees a history dominated by the
+major interest; attention can pick out the one or two related items. The negative of each pair is a
+popularity-weighted random item (DIEN's rule), mostly unrelated to the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import time as time_module
+
+import numpy as np
+
+from input_pipeline.textio import atomic_write
+
+FORMAT_VERSION = 1  # bump when the generator's output for a given spec and seed changes
+REVIEWS_FILE = "reviews_Synthetic_5.json.gz"
+META_FILE = "meta_Synthetic.json.gz"
+_FIRST_REVIEW_TIME = 946_684_800  # 2000-01-01
+_DAY = 86_400
+_ID_ALPHABET = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """Sizes and shape of the generated data; the defaults keep the default run to a few minutes."""
+
+    num_users: int = 30_000
+    num_items: int = 20_000
+    num_categories: int = 400
+    series_length: int = 6              # items per series; a series lives inside one category
+    interests_per_user: tuple[int, int] = (2, 4)   # inclusive range
+    dominant_share: float = 0.7         # share of a user's earlier reviews from the dominant interest
+    minor_last_prob: float = 0.8        # P(the last review comes from a minor interest)
+    same_series_prob: float = 0.8       # P(a minor-interest last review continues a series in the history)
+    mean_reviews: float = 14.0          # mean reviews per user (5-core: at least 5)
+    min_reviews: int = 5
+    max_reviews: int = 120
+    zipf_exponent: float = 1.1          # item popularity within a category
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field when a size cannot produce a data set."""
+        low, high = self.interests_per_user
+        checks = {
+            "num_users": self.num_users >= 2,
+            "num_categories": self.num_categories >= high + 1,
+            "num_items": self.num_items >= self.num_categories * self.series_length,
+            "series_length": self.series_length >= 2,
+            "interests_per_user": 2 <= low <= high,
+            "min_reviews": 2 <= self.min_reviews <= self.mean_reviews <= self.max_reviews,
+        }
+        for field, ok in checks.items():
+            if not ok:
+                raise ValueError(f"synthetic.{field}={getattr(self, field)!r} cannot produce a data set; "
+                                 "see SyntheticSpec in input_pipeline/synthetic.py for the constraints")
+        for field in ("dominant_share", "minor_last_prob", "same_series_prob"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(f"synthetic.{field} must lie in [0, 1], got {getattr(self, field)}")
+
+
+def _codes(prefix: bytes, numbers: np.ndarray, width: int, salt: int) -> list[str]:
+    """Distinct, Amazon-looking identifiers: `prefix` + base-36 digits of a bijective scramble of `numbers`."""
+    modulus = 36 ** width  # width <= 12 keeps the arithmetic inside int64
+    scrambled = (numbers.astype(np.int64) * 2_654_435_761 + 1_000_003 * (salt + 7)) % modulus  # odd multiplier: bijective mod 36^w
+    digits = np.empty((len(numbers), width), dtype=np.uint8)
+    for position in range(width - 1, -1, -1):
+        digits[:, position] = _ID_ALPHABET[scrambled % 36]
+        scrambled //= 36
+    return [prefix.decode() + row.tobytes().decode() for row in digits]
+
+
+def _catalogue(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per item: category, series and within-category popularity weight."""
+    series_count = spec.num_items // spec.series_length
+    series_category = np.concatenate([
+        np.arange(spec.num_categories),  # every category holds at least one series
+        rng.integers(0, spec.num_categories, series_count - spec.num_categories),
+    ])
+    item_series = np.repeat(np.arange(series_count), spec.series_length)
+    item_series = np.concatenate([item_series, rng.integers(0, series_count, spec.num_items - len(item_series))])
+    item_category = series_category[item_series]
+    popularity = 1.0 / np.arange(1, spec.num_items + 1) ** spec.zipf_exponent
+    return item_category, item_series, popularity[rng.permutation(spec.num_items)]
+
+
+class _ItemSampler:
+    """Draws popularity-weighted items from a category, and items of a given series."""
+
+    def __init__(self, item_category: np.ndarray, item_series: np.ndarray, popularity: np.ndarray):
+        order = np.argsort(item_category, kind="stable")
+        self.items_by_category = order
+        self.category_start = np.searchsorted(item_category[order], np.arange(item_category.max() + 2))
+        self.cumulative = np.cumsum(popularity[order])
+        series_order = np.argsort(item_series, kind="stable")
+        self.items_by_series = series_order
+        self.series_start = np.searchsorted(item_series[series_order], np.arange(item_series.max() + 2))
+
+    def from_categories(self, categories: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One popularity-weighted item per entry of `categories`."""
+        start, end = self.category_start[categories], self.category_start[categories + 1]
+        low = np.where(start > 0, self.cumulative[np.maximum(start - 1, 0)], 0.0)
+        high = self.cumulative[end - 1]
+        position = np.searchsorted(self.cumulative, low + rng.random(len(categories)) * (high - low), side="right")
+        return self.items_by_category[np.clip(position, start, end - 1)]
+
+    def from_series(self, series: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One uniformly drawn item per entry of `series`."""
+        start, end = self.series_start[series], self.series_start[series + 1]
+        return self.items_by_series[start + (rng.random(len(series)) * (end - start)).astype(np.int64)]
+
+
+def _user_histories(spec: SyntheticSpec, rng: np.random.Generator, sampler: _ItemSampler,
+                    item_series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(user index, item index) of every review, each user's reviews in time order."""
+    low, high = spec.interests_per_user
+    counts = np.clip(spec.min_reviews + rng.geometric(1.0 / (spec.mean_reviews - spec.min_reviews + 1),
+                                                      spec.num_users) - 1, spec.min_reviews, spec.max_reviews)
+    num_interests = rng.integers(low, high + 1, spec.num_users)
+    # Distinct interests per user; slot 0 is the dominant one, slots 1..num_interests-1 the minor ones.
+    interests = _distinct_rows(rng, spec.num_users, high, spec.num_categories)
+    user = np.repeat(np.arange(spec.num_users), counts)
+    first = np.cumsum(counts) - counts
+    position = np.arange(len(user)) - first[user]
+    is_last = position == counts[user] - 1
+
+    # Earlier reviews: dominant interest (slot 0) with dominant_share, else a uniformly chosen minor one.
+    minor_slot = 1 + (rng.random(len(user)) * (num_interests[user] - 1)).astype(np.int64)
+    slot = np.where(rng.random(len(user)) < spec.dominant_share, 0, minor_slot)
+    last_from_minor = rng.random(spec.num_users) < spec.minor_last_prob
+    slot[is_last] = np.where(last_from_minor, minor_slot[is_last], 0)
+    items = sampler.from_categories(interests[user, slot], rng)
+
+    # A minor-interest last review usually continues a series the user already read in that interest.
+    last_index = np.flatnonzero(is_last)
+    continue_series = last_from_minor & (rng.random(spec.num_users) < spec.same_series_prob)
+    for u in np.flatnonzero(continue_series):
+        lo, hi = first[u], last_index[u]
+        earlier = np.flatnonzero(slot[lo:hi] == slot[hi])
+        if len(earlier):
+            series = item_series[items[lo + earlier[rng.integers(len(earlier))]]]
+            items[hi] = sampler.from_series(np.array([series]), rng)[0]
+    return user, items
+
+
+def _distinct_rows(rng: np.random.Generator, rows: int, width: int, upper: int) -> np.ndarray:
+    """`rows` rows of `width` distinct integers in [0, upper), vectorised by redrawing collisions."""
+    draws = rng.integers(0, upper, (rows, width))
+    while True:
+        ordered = np.sort(draws, axis=1)
+        duplicate_rows = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        if len(duplicate_rows) == 0:
+            return draws
+        draws[duplicate_rows] = rng.integers(0, upper, (len(duplicate_rows), width))
+
+
+def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0) -> tuple[str, str]:
+    """Writes the review and meta files into `out_dir`; returns their paths. Same spec + seed, same bytes."""
+    spec.validate()
+    rng = np.random.default_rng(seed)
+    item_category, item_series, popularity = _catalogue(spec, rng)
+    sampler = _ItemSampler(item_category, item_series, popularity)
+    user, items = _user_histories(spec, rng, sampler, item_series)
+
+    asins = _codes(b"B", np.arange(spec.num_items), 9, salt=seed)
+    reviewer_ids = _codes(b"A", np.arange(spec.num_users), 12, salt=seed + 1)
+    category_names = [f"Topic {c // 20:02d} Subject {c:04d}" for c in range(spec.num_categories)]
+
+    # Review times: per user a random start, then increasing gaps; some equal times (same day) on purpose.
+    gaps = rng.integers(0, 60, len(user)) * _DAY
+    starts = _FIRST_REVIEW_TIME + rng.integers(0, 3_000, spec.num_users) * _DAY
+    first = np.r_[0, np.flatnonzero(np.diff(user)) + 1]
+    cumulative = np.cumsum(gaps)
+    times = starts[user] + cumulative - cumulative[first][user]
+    ratings = rng.integers(1, 6, len(user))
+
+    # Real files are not grouped by user: write reviews in item order, as McAuley's dumps are.
+    order = np.lexsort((times, items))
+    os.makedirs(out_dir, exist_ok=True)
+    reviews_path = os.path.join(out_dir, REVIEWS_FILE)
+    meta_path = os.path.join(out_dir, META_FILE)
+    review_lines = [
+        '{"reviewerID": "%s", "asin": "%s", "reviewerName": "Reader %d", "helpful": [0, 0], '
+        '"reviewText": "Synthetic review.", "overall": %d.0, "summary": "synthetic", '
+        '"unixReviewTime": %d, "reviewTime": "%s"}\n'
+        % (reviewer_ids[u], asins[i], u, r, t, time_module.strftime("%m %d, %Y", time_module.gmtime(t)))
+        for u, i, r, t in zip(user[order].tolist(), items[order].tolist(), ratings[order].tolist(),
+                              times[order].tolist())
+    ]
+    meta_lines = [
+        "{'asin': '%s', 'title': 'Item %d', 'price': %.2f, 'categories': [['Books', '%s']]}\n"
+        % (asins[i], i, 5 + (i % 50), category_names[item_category[i]])
+        for i in range(spec.num_items)
+    ]
+    for path, lines in ((reviews_path, review_lines), (meta_path, meta_lines)):
+        with atomic_write(path) as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+            gz.write("".join(lines).encode())
+    return reviews_path, meta_path
