@@ -1,0 +1,112 @@
+"""Fixed-shape numpy batches from an EncodedSplit: shuffle, truncate, pad, shard per process.
+
+Every batch has the same shapes: histories are cut or padded to T = max_seq_length, and a
+short last batch is filled with weight-0 rows, so a jitted step compiles once and no example
+is dropped. With shard_count processes, each takes its contiguous share of every global batch,
+so N processes together see exactly the batches one process would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from input_pipeline.dien import EncodedSplit
+
+KEEP_CHOICES = ("first", "last")
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch when the last partial batch is padded: ceil(num_examples / batch_size)."""
+    return -(-num_examples // batch_size)
+
+
+def make_batch(split: EncodedSplit, indices: np.ndarray, max_seq_length: int, keep: str = "first",
+               batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """The examples `indices` as fixed-shape arrays, padded with weight-0 rows up to `batch_size`.
+
+    Histories longer than T = max_seq_length keep their first (oldest) T entries, as DeepRec
+    does, or with keep='last' their newest T. Padded positions hold id 0 with mask False.
+    """
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
+    if max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    indices = np.asarray(indices, np.int64)
+    n = len(indices)
+    size = n if batch_size is None else batch_size
+    if n > size:
+        raise ValueError(f"{n} indices do not fit in a batch of {size}")
+    starts = split.hist_offsets[indices]
+    lengths = split.hist_offsets[indices + 1] - starts
+    if keep == "last":
+        starts = starts + np.maximum(lengths - max_seq_length, 0)
+    positions = np.arange(max_seq_length)
+    mask = np.zeros((size, max_seq_length), bool)
+    mask[:n] = positions < lengths[:, None]  # [n, T]
+    gather = (starts[:, None] + positions)[mask[:n]]
+    return {
+        "uid": _padded(split.uid, indices, size),
+        "mid": _padded(split.mid, indices, size),
+        "cat": _padded(split.cat, indices, size),
+        "hist_mids": _scattered(split.hist_mids, gather, mask),
+        "hist_cats": _scattered(split.hist_cats, gather, mask),
+        "hist_mask": mask,
+        "label": _padded(split.label, indices, size),
+        "weight": (np.arange(size) < n).astype(np.float32),
+        "user": _padded(split.user, indices, size),
+    }
+
+
+def _padded(column: np.ndarray, indices: np.ndarray, size: int) -> np.ndarray:
+    """column[indices] followed by zeros up to `size` rows."""
+    out = np.zeros(size, column.dtype)
+    out[:len(indices)] = column[indices]
+    return out
+
+
+def _scattered(values: np.ndarray, gather: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A [B, T] int32 array holding values[gather] at the True positions of `mask`, 0 elsewhere."""
+    out = np.zeros(mask.shape, np.int32)
+    out[mask] = values[gather]
+    return out
+
+
+def _check_sharding(batch_size: int, shard_index: int, shard_count: int) -> None:
+    """Raises ValueError unless the global batch splits evenly and shard_index names a share."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if shard_count < 1 or batch_size % shard_count:
+        raise ValueError(f"batch_size {batch_size} must be divisible by shard_count {shard_count} "
+                         "(the process count): each process takes an equal share of every batch")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+
+
+def _batches(split: EncodedSplit, order: np.ndarray, batch_size: int, max_seq_length: int, keep: str,
+             shard_index: int, shard_count: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive global batches of `order` from batch `start_batch`, each cut to this process's share."""
+    _check_sharding(batch_size, shard_index, shard_count)
+    per_shard = batch_size // shard_count
+    first = shard_index * per_shard
+    return (make_batch(split, order[start + first:start + first + per_shard], max_seq_length, keep,
+                       batch_size=per_shard)
+            for start in range(start_batch * batch_size, len(order), batch_size))
+
+
+def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,
+                  keep: str = "first", shard_index: int = 0, shard_count: int = 1,
+                  start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch in an order fixed by (seed, epoch); the last partial batch is padded, none dropped.
+
+    `start_batch` skips the epoch's first batches without building them (resuming mid-epoch).
+    """
+    order = np.random.default_rng((seed, epoch)).permutation(len(split))
+    return _batches(split, order, batch_size, max_seq_length, keep, shard_index, shard_count, start_batch)
+
+
+def eval_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, keep: str = "first",
+                 shard_index: int = 0, shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """All examples once, in file order; the last partial batch is padded with weight-0 rows."""
+    return _batches(split, np.arange(len(split)), batch_size, max_seq_length, keep, shard_index, shard_count)

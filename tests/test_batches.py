@@ -1,0 +1,142 @@
+"""Specification of input_pipeline.batches: fixed-shape, padded, shuffled and sharded batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from input_pipeline import batches
+from input_pipeline.dien import EncodedSplit
+
+KEYS = ("uid", "mid", "cat", "hist_mids", "hist_cats", "hist_mask", "label", "weight", "user")
+
+
+def make_split(lengths: list[int]) -> EncodedSplit:
+    """Example i has uid i + 1 (so 0 marks padding) and history mids 1000 * i + 1, 1000 * i + 2, ..."""
+    n = len(lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    hist_mids = np.concatenate([1000 * i + np.arange(1, k + 1) for i, k in enumerate(lengths)]).astype(np.int32)
+    return EncodedSplit(
+        label=(np.arange(n) % 2).astype(np.float32),
+        uid=np.arange(1, n + 1, dtype=np.int32),
+        mid=np.arange(101, n + 101, dtype=np.int32),
+        cat=np.arange(201, n + 201, dtype=np.int32),
+        hist_offsets=offsets,
+        hist_mids=hist_mids,
+        hist_cats=hist_mids + 500,
+        user=(np.arange(n) // 2).astype(np.int32),
+    )
+
+
+SPLIT = make_split([0, 3, 7, 1, 2])
+LARGE = make_split([(7 * i) % 11 for i in range(23)])
+
+
+def real_uids(batch_list: list[dict]) -> list[int]:
+    """The uids of weight-1 rows, in batch order."""
+    return [int(u) for b in batch_list for u, w in zip(b["uid"], b["weight"]) if w == 1]
+
+
+def test_truncation_keeps_first_entries_by_default():
+    batch = batches.make_batch(SPLIT, np.array([2, 1, 0]), max_seq_length=4)
+    np.testing.assert_array_equal(batch["hist_mids"], [[2001, 2002, 2003, 2004],
+                                                       [1001, 1002, 1003, 0],
+                                                       [0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["hist_cats"], [[2501, 2502, 2503, 2504],
+                                                       [1501, 1502, 1503, 0],
+                                                       [0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["hist_mask"], [[True, True, True, True],
+                                                       [True, True, True, False],
+                                                       [False, False, False, False]])
+
+
+def test_truncation_keep_last_keeps_newest_entries():
+    batch = batches.make_batch(SPLIT, np.array([2, 1, 0]), max_seq_length=4, keep="last")
+    np.testing.assert_array_equal(batch["hist_mids"], [[2004, 2005, 2006, 2007],
+                                                       [1001, 1002, 1003, 0],
+                                                       [0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["hist_mask"], [[True, True, True, True],
+                                                       [True, True, True, False],
+                                                       [False, False, False, False]])
+
+
+def test_unknown_keep_is_refused():
+    with pytest.raises(ValueError, match="keep must be one of"):
+        batches.make_batch(SPLIT, np.array([0]), 4, keep="newest")
+
+
+def test_short_batch_is_padded_with_weight_zero_rows():
+    batch = batches.make_batch(SPLIT, np.array([4, 3]), max_seq_length=3, batch_size=4)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        "uid": ((4,), np.int32), "mid": ((4,), np.int32), "cat": ((4,), np.int32),
+        "hist_mids": ((4, 3), np.int32), "hist_cats": ((4, 3), np.int32), "hist_mask": ((4, 3), bool),
+        "label": ((4,), np.float32), "weight": ((4,), np.float32), "user": ((4,), np.int32),
+    }
+    np.testing.assert_array_equal(batch["weight"], [1, 1, 0, 0])
+    np.testing.assert_array_equal(batch["uid"], [5, 4, 0, 0])
+    np.testing.assert_array_equal(batch["mid"], [105, 104, 0, 0])
+    np.testing.assert_array_equal(batch["cat"], [205, 204, 0, 0])
+    np.testing.assert_array_equal(batch["label"], [0, 1, 0, 0])
+    np.testing.assert_array_equal(batch["user"], [2, 1, 0, 0])
+    np.testing.assert_array_equal(batch["hist_mids"], [[4001, 4002, 0], [3001, 0, 0], [0, 0, 0], [0, 0, 0]])
+    assert not batch["hist_mask"][2:].any()
+
+
+def test_num_batches_rounds_up():
+    assert [batches.num_batches(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_train_batches_cover_every_example_once_per_epoch_with_fixed_shapes():
+    epoch = list(batches.train_batches(LARGE, 5, 6, seed=0, epoch=0))
+    assert len(epoch) == batches.num_batches(len(LARGE), 5) == 5
+    assert sorted(real_uids(epoch)) == list(range(1, 24))
+    assert all(b["hist_mids"].shape == (5, 6) for b in epoch)
+    np.testing.assert_array_equal(epoch[-1]["weight"], [1, 1, 1, 0, 0])
+
+
+def test_train_batches_rows_carry_their_own_history():
+    for batch in batches.train_batches(LARGE, 4, 5, seed=3, epoch=1):
+        for row in np.flatnonzero(batch["weight"]):
+            i = batch["uid"][row] - 1
+            history = LARGE.hist_mids[LARGE.hist_offsets[i]:LARGE.hist_offsets[i + 1]][:5]
+            np.testing.assert_array_equal(batch["hist_mids"][row, :len(history)], history)
+            assert batch["hist_mask"][row].sum() == len(history)
+            assert batch["mid"][row] == LARGE.mid[i] and batch["label"][row] == LARGE.label[i]
+
+
+def test_train_order_is_fixed_by_seed_and_epoch():
+    def order(seed, epoch):
+        return real_uids(list(batches.train_batches(LARGE, 5, 4, seed=seed, epoch=epoch)))
+
+    assert order(7, 0) == order(7, 0)
+    assert order(7, 0) != order(7, 1)
+    assert order(7, 0) != order(8, 0)
+    assert order(7, 0) != sorted(order(7, 0))
+
+
+def test_eval_batches_keep_file_order_and_lose_nothing():
+    epoch = list(batches.eval_batches(LARGE, 10, 4))
+    assert len(epoch) == 3
+    assert real_uids(epoch) == list(range(1, 24))
+    np.testing.assert_array_equal(epoch[-1]["weight"], [1, 1, 1] + [0] * 7)
+
+
+@pytest.mark.parametrize("shard_count", [2, 4])
+@pytest.mark.parametrize("make", [
+    lambda **kw: batches.train_batches(LARGE, 8, 5, seed=1, epoch=2, **kw),
+    lambda **kw: batches.eval_batches(LARGE, 8, 5, keep="last", **kw),
+], ids=["train", "eval"])
+def test_shards_concatenated_equal_the_unsharded_batches(make, shard_count):
+    whole = list(make())
+    shards = [list(make(shard_index=k, shard_count=shard_count)) for k in range(shard_count)]
+    assert all(len(s) == len(whole) for s in shards)
+    for step, batch in enumerate(whole):
+        for key in KEYS:
+            parts = [s[step][key] for s in shards]
+            assert all(len(p) == 8 // shard_count for p in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), batch[key], err_msg=key)
+
+
+def test_batch_size_not_divisible_by_shard_count_is_refused():
+    with pytest.raises(ValueError, match="batch_size 6 must be divisible by shard_count 4"):
+        batches.eval_batches(LARGE, 6, 4, shard_index=0, shard_count=4)
