@@ -1,0 +1,357 @@
+"""Specification of input_pipeline.amazon: raw Amazon reviews + meta -> DIEN samples and vocabularies."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from input_pipeline import amazon
+from input_pipeline.errors import DataError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MUSICAL_INSTRUMENTS = "amazon_reviews/reviews_Musical_Instruments_5.json.gz"
+SAMPLE_FILES = (amazon.TRAIN_FILE, amazon.TEST_FILE)
+VOCABULARY_FILES = tuple(f"{name}_voc.{ext}" for name in ("uid", "mid", "cat") for ext in ("pkl", "txt"))
+OUTPUT_FILES = SAMPLE_FILES + VOCABULARY_FILES + ("reviews-info", "item-info")
+
+
+def review(uid: str, asin: str, seconds, rating=5.0, name: str | None = "Someone") -> str:
+    """One review line in the 2014 layout (json.dumps writes it the way the McAuley files are)."""
+    record = {"reviewerID": uid, "asin": asin}
+    if name is not None:
+        record["reviewerName"] = name
+    record.update({"helpful": [0, 1], "reviewText": 'Fine "thing".', "overall": rating,
+                   "summary": "ok", "unixReviewTime": seconds, "reviewTime": "01 1, 2014"})
+    return json.dumps(record)
+
+
+def write(path: pathlib.Path, lines: list[str]) -> str:
+    """Writes `lines` (gzip-compressed for *.gz) and returns the path."""
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return str(path)
+
+
+def read_lines(out_dir: pathlib.Path, name: str) -> list[str]:
+    """The '\\n'-terminated lines of an output file."""
+    data = (out_dir / name).read_bytes()
+    assert b"\r" not in data and (not data or data.endswith(b"\n"))
+    return data.decode("utf-8").splitlines()
+
+
+def vocabulary(out_dir: pathlib.Path, name: str) -> dict[str, int]:
+    """The .pkl vocabulary, checked to agree with the .txt one (id = line number)."""
+    data = (out_dir / f"{name}.pkl").read_bytes()
+    assert data[:2] == b"\x80\x04"  # pickle protocol 4
+    voc = pickle.loads(data)
+    assert type(voc) is dict and all(type(k) is str and type(v) is int for k, v in voc.items())
+    assert {token: i for i, token in enumerate(read_lines(out_dir, f"{name}.txt"))} == voc
+    return voc
+
+
+# Two items only, so every negative is forced (the other item) and the whole output can be derived by
+# hand. User ZZ's file order differs from its time order; AA's two reviews share one time (file order
+# decides); MM has one review. User and item names sort against their first-appearance order.
+FORCED_REVIEWS = [
+    review("ZZ", "ITEM_A", 200),
+    review("AA", "ITEM_A", 300, rating=4.0, name=None),
+    review("MM", "ITEM_A", 100, rating=3.0),
+    review("ZZ", "ITEM_Z", 100, rating=1),
+    review("AA", "ITEM_Z", 300, rating=4.5),
+]
+FORCED_META = [
+    "{'asin': 'ITEM_Z', 'title': 'Zed', 'price': 3.5, 'categories': [['Books', 'Zcat'], ['Other']]}",
+    '{"asin": "UNREVIEWED", "categories": [["Books", "Ycat"]]}',
+    "{'asin': 'ITEM_Z', 'categories': [['A later duplicate']]}",
+    "{'categories': [], 'asin': 'EMPTY_CATEGORIES'}",
+]
+# Users by first review (ZZ, AA); negative line first; history oldest first.
+FORCED_SAMPLES = [
+    "0\tZZ\tITEM_Z\tZcat\tITEM_Z\tZcat",
+    "1\tZZ\tITEM_A\tdefault_cat\tITEM_Z\tZcat",
+    "0\tAA\tITEM_A\tdefault_cat\tITEM_A\tdefault_cat",
+    "1\tAA\tITEM_Z\tZcat\tITEM_A\tdefault_cat",
+]
+
+
+@pytest.fixture(params=[".json", ".json.gz"])
+def forced(tmp_path, request):
+    """(reviews path, meta path) of the forced data set, plain or gzip."""
+    return (write(tmp_path / f"reviews_Forced{request.param}", FORCED_REVIEWS),
+            write(tmp_path / f"meta_Forced{request.param}", FORCED_META))
+
+
+def test_forced_data_set_gives_hand_derived_samples(forced, tmp_path):
+    out = tmp_path / "out"
+    stats = amazon.prepare(*forced, str(out), test_fraction=0.0)
+    assert read_lines(out, amazon.TRAIN_FILE) == FORCED_SAMPLES
+    assert read_lines(out, amazon.TEST_FILE) == []
+    assert (stats.reviews, stats.users, stats.items, stats.train_pairs, stats.test_pairs) == (5, 3, 2, 2, 0)
+    assert (stats.dropped_users, stats.items_without_meta, stats.meta_items) == (1, 1, 4)
+    assert (stats.bad_review_lines, stats.bad_meta_lines, stats.truncated) == (0, 0, ())
+
+
+def test_history_entries_are_joined_by_x02(tmp_path):
+    reviews = write(tmp_path / "r.json", [review("U", "I1", 3), review("U", "I2", 1), review("U", "I1", 2),
+                                          review("U", "I2", 4)])
+    amazon.prepare(reviews, None, str(tmp_path / "out"), test_fraction=0.0)
+    assert (tmp_path / "out" / amazon.TRAIN_FILE).read_bytes() == (
+        b"0\tU\tI1\tdefault_cat\tI2\x02I1\x02I1\tdefault_cat\x02default_cat\x02default_cat\n"
+        b"1\tU\tI2\tdefault_cat\tI2\x02I1\x02I1\tdefault_cat\x02default_cat\x02default_cat\n")
+
+
+def test_vocabularies_are_counted_on_train_with_ties_by_first_appearance(forced, tmp_path):
+    out = tmp_path / "out"
+    amazon.prepare(*forced, str(out), test_fraction=0.0)
+    # Every uid occurs twice; ITEM_Z and ITEM_A 4 times each; Zcat and default_cat 4 times each.
+    assert vocabulary(out, "uid_voc") == {"ZZ": 0, "AA": 1}
+    assert vocabulary(out, "mid_voc") == {"default_mid": 0, "ITEM_Z": 1, "ITEM_A": 2}
+    # default_cat occurs in the data and keeps id 0 (the original overwrote it with a count rank).
+    assert vocabulary(out, "cat_voc") == {"default_cat": 0, "Zcat": 1}
+
+
+def test_vocabularies_rank_most_frequent_first(tmp_path):
+    reviews = write(tmp_path / "r.json", [review("U", "FIRST_SEEN", 1), review("U", "OFTEN", 2),
+                                          review("U", "OFTEN", 3), review("U", "OFTEN", 4)])
+    amazon.prepare(reviews, None, str(tmp_path / "out"), test_fraction=0.0)
+    # Lines: 0 U FIRST_SEEN (history FIRST_SEEN, OFTEN, OFTEN), 1 U OFTEN (same history): OFTEN 5, FIRST_SEEN 3.
+    assert vocabulary(tmp_path / "out", "mid_voc") == {"default_mid": 0, "OFTEN": 1, "FIRST_SEEN": 2}
+
+
+def test_all_pairs_to_test_leaves_train_and_vocabularies_empty(forced, tmp_path):
+    out = tmp_path / "out"
+    stats = amazon.prepare(*forced, str(out), test_fraction=1.0)
+    assert read_lines(out, amazon.TEST_FILE) == FORCED_SAMPLES
+    assert read_lines(out, amazon.TRAIN_FILE) == []
+    assert (stats.train_pairs, stats.test_pairs) == (0, 2)
+    assert vocabulary(out, "uid_voc") == {}
+    assert vocabulary(out, "mid_voc") == {"default_mid": 0}
+    assert vocabulary(out, "cat_voc") == {"default_cat": 0}
+
+
+def test_info_files_match_the_dien_intermediate_formats(forced, tmp_path):
+    out = tmp_path / "out"
+    amazon.prepare(*forced, str(out))
+    assert read_lines(out, "reviews-info") == [
+        "ZZ\tITEM_A\t5.0\t200", "AA\tITEM_A\t4.0\t300", "MM\tITEM_A\t3.0\t100", "ZZ\tITEM_Z\t1.0\t100",
+        "AA\tITEM_Z\t4.5\t300"]
+    assert read_lines(out, "item-info") == [
+        "ITEM_Z\tZcat", "UNREVIEWED\tYcat", "ITEM_Z\tA later duplicate", "EMPTY_CATEGORIES\tdefault_cat"]
+
+
+def test_without_meta_every_item_gets_default_cat(tmp_path):
+    out = tmp_path / "out"
+    stats = amazon.prepare(write(tmp_path / "r.json", FORCED_REVIEWS), None, str(out), test_fraction=0.0)
+    assert stats.items_without_meta == 2 and stats.meta_items == 0
+    assert all(line.split("\t")[3] == "default_cat" for line in read_lines(out, amazon.TRAIN_FILE))
+    assert read_lines(out, "item-info") == []
+    assert vocabulary(out, "cat_voc") == {"default_cat": 0}
+
+
+# Several items, so negatives are random: the positive lines and the rules for negatives are checked.
+RICH_REVIEWS = [
+    review("U1", "B_FICTION", 100),
+    review("U2", "B_KIDS", 50),
+    review("U1", "B_CAFE", 300),
+    review("\u00c9l\u00e8ve", "B_NOMETA", 10),  # escaped in JSON: takes the json.loads path
+    review("U1", "B_KIDS", 200),
+    review("U2", "B_FICTION", 50),
+    review("U2", "B_CAFE", 40),
+    review("\u00c9l\u00e8ve", "B_CAFE", 20),
+    review("U3", "B_CAFE", 5),
+]
+RICH_META = [
+    "{'asin': 'B_FICTION', 'related': {'also_bought': ['B_KIDS', 'B_CAFE'], 'bought_together': []}, "
+    "'salesRank': {'Books': 12}, 'title': 'It\\'s \"quoted\"', 'categories': [['Books', 'Fiction'], ['Kindle']], "
+    "'description': 'x, \\'categories\\': [[\\'Not this\\']]'}",
+    "{'asin': 'B_KIDS', 'categories': [['Books', \"Children's Books\"]], 'price': 1e-05, 'brand': None}",
+    "{'asin': 'B_CAFE', 'imUrl': 'http://x/y.jpg', 'categories': [['Food', u'Caf\\xe9']]}",
+]
+RICH_CATEGORIES = {"B_FICTION": "Fiction", "B_KIDS": "Children's Books", "B_CAFE": "Caf\u00e9",
+                   "B_NOMETA": "default_cat"}
+# Positive line fields per user: (mid, cat, hist_mids, hist_cats) by hand.
+RICH_POSITIVES = {
+    "U1": ("B_CAFE", "Caf\u00e9", "B_FICTION\x02B_KIDS", "Fiction\x02Children's Books"),
+    "U2": ("B_FICTION", "Fiction", "B_CAFE\x02B_KIDS", "Caf\u00e9\x02Children's Books"),
+    "\u00c9l\u00e8ve": ("B_CAFE", "Caf\u00e9", "B_NOMETA", "default_cat"),
+}
+
+
+def samples(out: pathlib.Path) -> dict[str, list[tuple[list[str], list[str]]]]:
+    """Per sample file, its (negative, positive) line pairs, split into fields."""
+    pairs = {}
+    for name in SAMPLE_FILES:
+        lines = [line.split("\t") for line in read_lines(out, name)]
+        assert len(lines) % 2 == 0
+        pairs[name] = list(zip(lines[0::2], lines[1::2]))
+    return pairs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_pairs_are_negative_then_last_review_with_its_history(tmp_path, seed):
+    out = tmp_path / "out"
+    stats = amazon.prepare(write(tmp_path / "r.json.gz", RICH_REVIEWS), write(tmp_path / "m.json", RICH_META),
+                           str(out), seed=seed, test_fraction=0.5)
+    found = {}
+    for negative, positive in [pair for pairs in samples(out).values() for pair in pairs]:
+        assert (negative[0], positive[0]) == ("0", "1")
+        assert negative[1] == positive[1] and negative[4:] == positive[4:]
+        assert negative[2] != positive[2] and negative[2] in RICH_CATEGORIES
+        assert negative[3] == RICH_CATEGORIES[negative[2]]
+        found[positive[1]] = tuple(positive[2:])
+    assert found == RICH_POSITIVES  # U3 (one review) is dropped, every other user appears once
+    assert (stats.dropped_users, stats.items_without_meta, stats.train_pairs + stats.test_pairs) == (1, 1, 3)
+
+
+def test_meta_fast_path_agrees_with_literal_eval():
+    for line in RICH_META + FORCED_META:
+        data = line.encode("utf-8")
+        assert amazon._meta_fields(data) == amazon._meta_fields_from_literal(data)
+    assert amazon._META_LINE.fullmatch(RICH_META[0].encode())  # the Python-literal lines take the fast path
+
+
+def test_fast_review_parser_agrees_with_json_on_the_real_file(shared_data):
+    with gzip.open(shared_data / MUSICAL_INSTRUMENTS, "rb") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        fast = amazon._REVIEW_LINE.match(line).groups()
+        slow = amazon._review_fields_from_json(line)
+        assert fast[:2] == slow[:2] and float(fast[2]) == float(slow[2]) and fast[3] == slow[3]
+
+
+def test_batch_size_does_not_change_the_output(tmp_path, monkeypatch):
+    reviews, meta = write(tmp_path / "r.json", RICH_REVIEWS), write(tmp_path / "m.json", RICH_META)
+    amazon.prepare(reviews, meta, str(tmp_path / "one_batch"))
+    monkeypatch.setattr(amazon, "_BATCH_LINES", 2)
+    amazon.prepare(reviews, meta, str(tmp_path / "small_batches"))
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "one_batch" / name).read_bytes() == (tmp_path / "small_batches" / name).read_bytes()
+
+
+def test_same_seed_same_bytes_other_seed_other_samples(shared_data, tmp_path):
+    reviews = str(shared_data / MUSICAL_INSTRUMENTS)
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        amazon.prepare(reviews, None, str(tmp_path / name), seed=seed)
+    for name in OUTPUT_FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / amazon.TRAIN_FILE).read_bytes() != (tmp_path / "c" / amazon.TRAIN_FILE).read_bytes()
+
+
+def reference_positives(lines: list[bytes]) -> dict[str, tuple[str, str]]:
+    """uid -> (last item, earlier items joined by \\x02), by plain Python over the raw review lines."""
+    by_user: dict[str, list[tuple[int, str]]] = {}
+    for line in lines:
+        record = json.loads(line)
+        by_user.setdefault(record["reviewerID"], []).append((record["unixReviewTime"], record["asin"]))
+    result = {}
+    for uid, reviews in by_user.items():
+        items = [asin for _, asin in sorted(reviews, key=lambda r: r[0])]  # sorted() is stable
+        result[uid] = (items[-1], "\x02".join(items[:-1]))
+    return result
+
+
+def test_musical_instruments_prepares(shared_data, tmp_path):
+    path = shared_data / MUSICAL_INSTRUMENTS
+    out = tmp_path / "out"
+    stats = amazon.prepare(str(path), None, str(out))
+    assert (stats.reviews, stats.users, stats.items, stats.dropped_users) == (10_261, 1_429, 900, 0)
+    assert stats.train_pairs + stats.test_pairs == 1_429
+    assert 0.05 < stats.test_pairs / 1_429 < 0.15
+    pairs = samples(out)
+    train_users = {positive[1] for _, positive in pairs[amazon.TRAIN_FILE]}
+    test_users = {positive[1] for _, positive in pairs[amazon.TEST_FILE]}
+    assert not train_users & test_users and len(train_users) + len(test_users) == 1_429
+    with gzip.open(path, "rb") as f:
+        expected = reference_positives(f.read().splitlines())
+    for negative, positive in pairs[amazon.TRAIN_FILE] + pairs[amazon.TEST_FILE]:
+        assert (positive[2], positive[4]) == expected[positive[1]]
+        assert negative[2] != positive[2]
+    assert len(read_lines(out, "reviews-info")) == 10_261
+    assert len(vocabulary(out, "uid_voc")) == stats.train_pairs
+    assert len(vocabulary(out, "mid_voc")) <= 901
+
+
+def test_truncated_gzip_is_a_data_error_naming_the_file(shared_data, tmp_path):
+    path = str(shared_data / "amazon_reviews/reviews_Electronics_5.TRUNCATED.json.gz")
+    with pytest.raises(DataError, match="reviews_Electronics_5.TRUNCATED.json.gz") as error:
+        amazon.prepare(path, None, str(tmp_path / "out"))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_gzip_with_skip_keeps_the_readable_lines(shared_data, tmp_path):
+    path = str(shared_data / "amazon_reviews/reviews_Electronics_5.TRUNCATED.json.gz")
+    stats = amazon.prepare(path, None, str(tmp_path / "out"), on_bad_line="skip")
+    assert stats.truncated == (path,) and stats.reviews > 0
+
+
+BAD_LINES = {
+    "not json": "{not json",
+    "missing reviewerID": '{"asin": "I1", "overall": 5.0, "unixReviewTime": 1}',
+    "empty asin": '{"reviewerID": "U9", "asin": "", "overall": 5.0, "unixReviewTime": 1}',
+    "non-numeric time": review("U9", "I1", "yesterday"),
+    "non-numeric rating": review("U9", "I1", 1, rating="five"),
+    "tab in an id": review("U\t9", "I1", 1),
+    "a list": "[1, 2]",
+}
+
+
+@pytest.mark.parametrize("bad", BAD_LINES.values(), ids=BAD_LINES.keys())
+def test_bad_review_line_is_an_error_with_its_line_number(tmp_path, bad):
+    path = write(tmp_path / "r.json", FORCED_REVIEWS[:2] + ["", bad] + FORCED_REVIEWS[2:])
+    with pytest.raises(DataError, match=r"r\.json:4: ") as error:
+        amazon.prepare(path, None, str(tmp_path / "out"))
+    assert "\n" not in str(error.value)
+
+
+def test_bad_review_lines_are_counted_with_skip(tmp_path):
+    path = write(tmp_path / "r.json", FORCED_REVIEWS[:2] + list(BAD_LINES.values()) + FORCED_REVIEWS[2:])
+    out = tmp_path / "out"
+    stats = amazon.prepare(path, None, str(out), test_fraction=0.0, on_bad_line="skip")
+    assert stats.bad_review_lines == len(BAD_LINES) and stats.reviews == len(FORCED_REVIEWS)
+    assert [line.split("\t")[:3] for line in read_lines(out, amazon.TRAIN_FILE)] == [
+        line.split("\t")[:3] for line in FORCED_SAMPLES]
+
+
+def test_bad_meta_line_is_an_error_or_counted(tmp_path):
+    reviews = write(tmp_path / "r.json", FORCED_REVIEWS)
+    meta = write(tmp_path / "m.json", FORCED_META[:1] + ["{'asin': 'X', 'categories': 'Books'}",
+                                                         "{'asin': 'X', 'categories': [['A']]", "42"])
+    with pytest.raises(DataError, match=r"m\.json:2: "):
+        amazon.prepare(reviews, meta, str(tmp_path / "out"))
+    stats = amazon.prepare(reviews, meta, str(tmp_path / "out"), on_bad_line="skip")
+    assert (stats.bad_meta_lines, stats.meta_items) == (3, 1)
+
+
+def test_empty_review_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"r\.json: has no reviews"):
+        amazon.prepare(write(tmp_path / "r.json", []), None, str(tmp_path / "out"))
+    with pytest.raises(DataError, match=r"r\.json: has no usable review lines \(1 bad lines skipped\)"):
+        amazon.prepare(write(tmp_path / "r.json", ["{"]), None, str(tmp_path / "out"), on_bad_line="skip")
+
+
+def test_cli_prepares_and_prints_a_summary(tmp_path):
+    reviews = write(tmp_path / "r.json", FORCED_REVIEWS)
+    result = subprocess.run([sys.executable, "-m", "input_pipeline.amazon", "--reviews", reviews,
+                             "--out_dir", str(tmp_path / "out"), "--test_fraction", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "train_pairs" in result.stdout and "dropped_users" in result.stdout
+    assert read_lines(tmp_path / "out", amazon.TRAIN_FILE) == [
+        line.replace("Zcat", "default_cat") for line in FORCED_SAMPLES]
+
+
+def test_cli_reports_a_data_error_in_one_line(tmp_path):
+    missing = str(tmp_path / "reviews_Missing.json.gz")
+    result = subprocess.run([sys.executable, "-m", "input_pipeline.amazon", "--reviews", missing,
+                             "--out_dir", str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and missing in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
