@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
         mlp_out=2,
         batch_norm="frozen",        # DeepRec parity; 'batch' = batch statistics; 'none'
         activation="relu",          # 'relu' (DeepRec) or 'dice'
-        attention="softmax",        # 'softmax' (DeepRec), 'unnormalized' (DIN paper), 'mean' (no attention)
+        attention="softmax",        # softmax (DeepRec) | unnormalized (DIN paper) | mean | none (sum pooling)
     ))
 
     # --- training (seed flags) --------------------------------------------------------------------

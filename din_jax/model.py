@@ -21,6 +21,8 @@ ATTENTION_PADDING = -(2.0**32) + 1
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 
+ATTENTION_MODES = ("softmax", "unnormalized", "mean", "none")
+
 glorot_uniform = nn.initializers.glorot_uniform()
 
 
@@ -123,7 +125,8 @@ class DIN(nn.Module):
 
     batch_norm: 'frozen' (DeepRec parity), 'batch' (batch statistics while training, moving averages
     in evaluation) or 'none'. activation: 'relu' (DeepRec) or 'dice' for the top MLP's hidden layers.
-    attention: 'softmax' (DeepRec), 'unnormalized' (DIN paper) or 'mean' (sum-pooling baseline).
+    attention: 'softmax' (DeepRec), 'unnormalized' (DIN paper), 'mean' (uniform weights instead of the
+    attention unit) or 'none' (DIEN's BaseModel: concat(uid, item, sum of history) - plain sum pooling).
     """
 
     vocab_sizes: Mapping[str, int]
@@ -142,8 +145,8 @@ class DIN(nn.Module):
             raise ValueError(f"model.batch_norm must be 'frozen', 'batch' or 'none', got {self.batch_norm!r}")
         if self.activation not in ("relu", "dice"):
             raise ValueError(f"model.activation must be 'relu' or 'dice', got {self.activation!r}")
-        if self.attention not in ("softmax", "unnormalized", "mean"):
-            raise ValueError(f"model.attention must be 'softmax', 'unnormalized' or 'mean', got {self.attention!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         e = self.embedding_dim
         self.uid_table = self.param("uid_table", tf1_truncated_normal(e**-0.5), (self.vocab_sizes["uid"], e),
                                     self.param_dtype)
@@ -176,8 +179,12 @@ class DIN(nn.Module):
         item = embedded["item"].astype(self.dtype)
         history = embedded["history"].astype(self.dtype) * mask[..., None].astype(self.dtype)  # [B, T, D]
         history_sum = history.sum(axis=1)                                                        # [B, D]
-        attended, weights = self.attention_unit(item, history, mask)
-        x = jnp.concatenate([uid, item, history_sum, item * history_sum, attended], axis=-1)     # [B, 162]
+        if self.attention == "none":  # DIEN's BaseModel: plain sum pooling, no interaction terms
+            weights = mask.astype(jnp.float32)
+            x = jnp.concatenate([uid, item, history_sum], axis=-1)                               # [B, 90]
+        else:
+            attended, weights = self.attention_unit(item, history, mask)
+            x = jnp.concatenate([uid, item, history_sum, item * history_sum, attended], axis=-1)  # [B, 162]
         if self.batch_norm == "frozen":
             x = self.bn(x)
         elif self.batch_norm == "batch":

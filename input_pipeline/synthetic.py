@@ -4,13 +4,15 @@ The files have the same fields and layout as the real `reviews_<Cat>_5.json.gz` 
 line) and `meta_<Cat>.json.gz` (one Python-literal dict a line), so they go through the real DIEN
 preparation (`input_pipeline.amazon`) unchanged. This is the built-in default's data source.
 
-Why attention matters on it: every user holds `interests_per_user` unrelated interests (categories),
-one of them dominant. Most reviews come from the dominant interest, but the user's last review - the
-positive that DIEN's preparation turns into the labelled pair - comes from a minor interest with
-probability `minor_last_prob`, and then usually from the same item *series* as an earlier review of
-that interest (books of a series, parts of a kit). Plain sum pooling sees a history dominated by the
-major interest; attention can pick out the one or two related items. The negative of each pair is a
-popularity-weighted random item (DIEN's rule), mostly unrelated to the user.
+Why the history matters on it: every user holds `interests_per_user` unrelated interests (categories),
+one of them dominant. Each minor interest is mentioned `minor_mentions` times among the earlier
+reviews and the dominant one fills the rest, but the user's last review - the positive that DIEN's
+preparation turns into the labelled pair - comes from a minor interest with probability
+`minor_last_prob`, and then often from the same item *series* as the earlier review of that interest
+(books of a series, parts of a kit). So the signal is one or two history items among many: a plain
+sum of the history is dominated by the major interest, while DIN's candidate-aware terms can pick the
+related items out. The negative of each pair is a popularity-weighted random item (DIEN's rule),
+mostly unrelated to the user. `benchmarks/attention_gain.py` measures the effect.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class SyntheticSpec:
     num_categories: int = 400
     series_length: int = 6              # items per series; a series lives inside one category
     interests_per_user: tuple[int, int] = (2, 4)   # inclusive range
-    dominant_share: float = 0.7         # share of a user's earlier reviews from the dominant interest
+    minor_mentions: int = 1             # earlier reviews per minor interest; the rest are the dominant one
     minor_last_prob: float = 0.8        # P(the last review comes from a minor interest)
     same_series_prob: float = 0.8       # P(a minor-interest last review continues a series in the history)
     mean_reviews: float = 14.0          # mean reviews per user (5-core: at least 5)
@@ -64,7 +66,9 @@ class SyntheticSpec:
             if not ok:
                 raise ValueError(f"synthetic.{field}={getattr(self, field)!r} cannot produce a data set; "
                                  "see SyntheticSpec in input_pipeline/synthetic.py for the constraints")
-        for field in ("dominant_share", "minor_last_prob", "same_series_prob"):
+        if self.minor_mentions < 1:
+            raise ValueError(f"synthetic.minor_mentions must be at least 1, got {self.minor_mentions}")
+        for field in ("minor_last_prob", "same_series_prob"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"synthetic.{field} must lie in [0, 1], got {getattr(self, field)}")
 
@@ -134,9 +138,13 @@ def _user_histories(spec: SyntheticSpec, rng: np.random.Generator, sampler: _Ite
     position = np.arange(len(user)) - first[user]
     is_last = position == counts[user] - 1
 
-    # Earlier reviews: dominant interest (slot 0) with dominant_share, else a uniformly chosen minor one.
-    minor_slot = 1 + (rng.random(len(user)) * (num_interests[user] - 1)).astype(np.int64)
-    slot = np.where(rng.random(len(user)) < spec.dominant_share, 0, minor_slot)
+    # Earlier reviews: each minor interest is mentioned `minor_mentions` times at random positions
+    # (fewer when the history is too short); all other earlier reviews are the dominant interest.
+    minors = num_interests[user] - 1
+    rank = _rank_within_user(user, rng.random(len(user)) + is_last)  # the last review ranks last
+    mentioned = (rank < minors * spec.minor_mentions) & ~is_last
+    minor_slot = 1 + (rng.random(len(user)) * minors).astype(np.int64)
+    slot = np.where(mentioned, 1 + rank % np.maximum(minors, 1), 0)
     last_from_minor = rng.random(spec.num_users) < spec.minor_last_prob
     slot[is_last] = np.where(last_from_minor, minor_slot[is_last], 0)
     items = sampler.from_categories(interests[user, slot], rng)
@@ -151,6 +159,15 @@ def _user_histories(spec: SyntheticSpec, rng: np.random.Generator, sampler: _Ite
             series = item_series[items[lo + earlier[rng.integers(len(earlier))]]]
             items[hi] = sampler.from_series(np.array([series]), rng)[0]
     return user, items
+
+
+def _rank_within_user(user: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Rank of each review's key among its user's reviews (users contiguous in `user`)."""
+    order = np.lexsort((keys, user))
+    starts = np.searchsorted(user[order], user[order], side="left")
+    rank = np.empty(len(user), np.int64)
+    rank[order] = np.arange(len(user)) - starts
+    return rank
 
 
 def _distinct_rows(rng: np.random.Generator, rows: int, width: int, upper: int) -> np.ndarray:

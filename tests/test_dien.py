@@ -12,7 +12,9 @@ import pytest
 from input_pipeline import dien
 from input_pipeline.errors import DataError
 
-SHARED = "/work/shared/data"
+from tests.conftest import SHARED_DATA
+
+SHARED = str(SHARED_DATA)
 FRAGMENT = os.path.join(SHARED, "dien_fragments", "local_test")
 PICKLES = os.path.join(SHARED, "vocab_pickles")
 

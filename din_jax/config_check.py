@@ -1,0 +1,48 @@
+"""Checks a run's config before any work starts, so a bad value is one sentence naming its key."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from din_jax.model import ATTENTION_MODES
+from din_jax.optim import OPTIMIZERS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message names the key and the allowed values."""
+
+
+_CHOICES = {
+    "dataset": ("synthetic", "dien"),
+    "history_keep": ("first", "last"),
+    "optimizer": OPTIMIZERS,
+    "model.batch_norm": ("frozen", "batch", "none"),
+    "model.activation": ("relu", "dice"),
+    "model.attention": ATTENTION_MODES,
+}
+_POSITIVE = ("batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
+             "keep_checkpoint_max", "model.embedding_dim")
+_NON_NEGATIVE = ("steps", "save_steps", "timeline", "eval_every_steps")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first impossible value or combination."""
+    for key, allowed in _CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise ConfigError(f"config.{key}={_get(config, key)!r} is not one of {', '.join(map(repr, allowed))}")
+    for key in _POSITIVE:
+        if not _get(config, key) > 0:
+            raise ConfigError(f"config.{key}={_get(config, key)!r} must be positive")
+    for key in _NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"config.{key}={_get(config, key)!r} must be 0 or positive")
+    if config.dataset == "dien" and not config.data_dir:
+        raise ConfigError("config.dataset='dien' needs --config.data_dir pointing at a prepared DIEN directory "
+                          "(python -m input_pipeline.amazon --out_dir DIR)")

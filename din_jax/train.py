@@ -1,0 +1,248 @@
+"""Training DIN: the train state, jitted train and eval steps, and the train-and-evaluate loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from din_jax import checkpoint as checkpoint_lib
+from din_jax import config_check
+from din_jax.metrics import StreamingMetrics
+from din_jax.model import DIN
+from din_jax.optim import create_optimizer
+from input_pipeline import batches as batches_lib
+from input_pipeline import datasets, dien
+from input_pipeline.synthetic import SyntheticSpec
+from input_pipeline.textio import atomic_write
+
+Batch = dict[str, Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed whole)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The prepared data of a run: vocabularies and the encoded train and test splits."""
+
+    data_dir: str
+    vocabs: dien.Vocabularies
+    train: dien.EncodedSplit
+    test: dien.EncodedSplit
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> DIN:
+    """The DIN module for `config.model` and the data's vocabulary sizes."""
+    m = config.model
+    return DIN(vocab_sizes=dict(vocab_sizes), embedding_dim=m.embedding_dim,
+               attention_hidden=tuple(m.attention_hidden), mlp_hidden=tuple(m.mlp_hidden), mlp_out=m.mlp_out,
+               batch_norm=m.batch_norm, activation=m.activation, attention=m.attention)
+
+
+def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
+    """A batch of zeros with the real shapes and dtypes, for initialisation and compilation."""
+    ids = np.zeros([batch_size], np.int32)
+    history = np.zeros([batch_size, max_seq_length], np.int32)
+    return {"uid": ids, "mid": ids, "cat": ids, "hist_mids": history, "hist_cats": history,
+            "hist_mask": history.astype(bool), "label": ids.astype(np.float32),
+            "weight": np.ones([batch_size], np.float32), "user": ids}
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: DIN, tx: optax.GradientTransformation) -> TrainState:
+    """Parameters initialised as the seed's TF1 graph does, from `config.seed`."""
+    variables = model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+
+def weighted_sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean sigmoid cross-entropy over the real rows (weight 1); padding rows (weight 0) add nothing."""
+    losses = optax.sigmoid_binary_cross_entropy(logits, labels)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def train_step(model: DIN, tx: optax.GradientTransformation, state: TrainState, batch: Batch
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on `batch`; returns the new state and the batch loss."""
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        (logits, _), updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
+        return weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"]), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
+                              batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+    return new_state, {"loss": loss}
+
+
+def eval_step(model: DIN, state: TrainState, batch: Batch) -> jax.Array:
+    """Click probabilities [B] for `batch` (fp32)."""
+    logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch)
+    return jax.nn.sigmoid(logits)
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
+    """Prepares (built-in data) or locates (dien) the data directory and encodes both splits."""
+    if config.dataset == "synthetic":
+        spec_fields = {k: v for k, v in config.synthetic.to_dict().items() if k != "seed"}
+        spec_fields["interests_per_user"] = tuple(spec_fields["interests_per_user"])
+        data_dir = datasets.builtin_data_dir(config.data_dir or os.path.join(workdir, "data"),
+                                             SyntheticSpec(**spec_fields), config.synthetic.seed, config.prepare_seed)
+    else:
+        data_dir = datasets.require_prepared(config.data_dir)
+    vocabs = dien.load_vocabularies(data_dir)
+    return Data(data_dir, vocabs, dien.load_split(data_dir, "train", vocabs), dien.load_split(data_dir, "test", vocabs))
+
+
+def evaluate(eval_fn, state: TrainState, split: dien.EncodedSplit, config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Every metric over the whole split, each example exactly once."""
+    metrics = StreamingMetrics()
+    for batch in batches_lib.eval_batches(split, config.eval_batch_size, config.max_seq_length,
+                                          keep=config.history_keep):
+        probs = np.asarray(eval_fn(state, batch))
+        metrics.update(batch["label"], probs, batch["user"], batch["weight"])
+    return metrics.compute()
+
+
+def _train_batches(split: dien.EncodedSplit, config: ml_collections.ConfigDict, start_step: int) -> Iterator[Batch]:
+    """Endless train batches, epoch after epoch, starting at global step `start_step` (for resuming)."""
+    per_epoch = batches_lib.num_batches(len(split), config.batch_size)
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        yield from batches_lib.train_batches(split, config.batch_size, config.max_seq_length, seed=config.seed,
+                                             epoch=epoch, keep=config.history_keep, start_batch=skip)
+        epoch, skip = epoch + 1, 0
+
+
+class _Profiler:
+    """jax.profiler trace of `num_steps` steps after the first (compiled) one: the seed's --timeline."""
+
+    def __init__(self, num_steps: int, directory: str, first_step: int):
+        self.num_steps, self.directory = num_steps, directory
+        self.start, self.stop = first_step + 1, first_step + 1 + num_steps
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.num_steps > 0 and step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, sync: Any) -> None:
+        if self.active and step + 1 >= self.stop:
+            jax.block_until_ready(sync)
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("Wrote a %d-step profile to %s", self.num_steps, self.directory)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains for `config.steps` steps (0 = one epoch), evaluates, writes metrics and checkpoints."""
+    config_check.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    wall_start = time.perf_counter()
+    data = load_data(config, workdir)
+    model = build_model(config, data.vocabs.sizes)
+    tx = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm)
+    state = create_train_state(config, model, tx)
+    checkpointer = checkpoint_lib.Checkpointer(config.checkpoint_dir or os.path.join(workdir, "checkpoints"),
+                                               config.save_steps, config.keep_checkpoint_max)
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+        state = restored
+        logging.info("Resumed from checkpoint at step %d", int(state.step))
+
+    steps_per_epoch = batches_lib.num_batches(len(data.train), config.batch_size)
+    total_steps = config.steps or steps_per_epoch
+    first_step = int(state.step)
+    p_train_step = jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,))
+    p_eval_step = jax.jit(functools.partial(eval_step, model))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    profiler = _Profiler(config.timeline, os.path.join(workdir, "profile"), first_step)
+    logging.info("Data %s: %d train / %d test examples, vocabularies %s; %d steps of batch %d (%d per epoch)",
+                 data.data_dir, len(data.train), len(data.test), data.vocabs.sizes, total_steps, config.batch_size,
+                 steps_per_epoch)
+
+    compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, float("nan")
+    eval_metrics: dict[str, Any] = {}
+    batches = _train_batches(data.train, config, first_step)
+    progress = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not config.progress_bar)
+    timer = time.perf_counter()
+    for step in range(first_step, total_steps):
+        batch = next(batches)
+        profiler.before(step)
+        state, step_metrics = p_train_step(state, batch)
+        profiler.after(step, state.step)
+        if step == first_step:  # the first step compiles: time it apart from throughput
+            jax.block_until_ready(state.step)
+            compile_seconds = time.perf_counter() - timer
+            timer = time.perf_counter()
+        else:
+            timed_samples += int(batch["weight"].sum())
+        progress.update(1)
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total_steps:
+            loss = float(step_metrics["loss"])
+            timed_seconds = time.perf_counter() - timer
+            rate = timed_samples / timed_seconds if timed_seconds > 0 else 0.0
+            progress.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
+            writer.add_scalar("train/loss", loss, done)
+            writer.add_scalar("train/samples_per_sec", rate, done)
+        if not config.no_eval and config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
+            _write_eval(writer, evaluate(p_eval_step, state, data.test, config), done)
+        checkpointer.save(done, state)
+    jax.block_until_ready(state)
+    timed_seconds = time.perf_counter() - timer if total_steps > first_step else 0.0
+    progress.close()
+    checkpointer.save(int(state.step), state, force=True)
+    checkpointer.close()
+
+    if not config.no_eval:
+        eval_metrics = evaluate(p_eval_step, state, data.test, config)
+        eval_metrics["step"] = int(state.step)
+        _write_eval(writer, eval_metrics, int(state.step))
+        _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
+    writer.close()
+    summary = {"steps": int(state.step), "steps_this_run": total_steps - first_step,
+               "samples_per_sec": timed_samples / timed_seconds if timed_seconds > 0 else None,
+               "wall_seconds": time.perf_counter() - wall_start, "compile_seconds": compile_seconds,
+               "final_train_loss": loss}
+    _write_json(os.path.join(workdir, "train_summary.json"), summary)
+    return {"eval": eval_metrics, "train": summary}
+
+
+def _write_eval(writer: SummaryWriter, metrics: dict[str, Any], step: int) -> None:
+    for name, value in metrics.items():
+        if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(f"eval/{name}", value, step)
+    logging.info("eval at step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
