@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import sys
 import time as time_module
 
 import numpy as np
@@ -38,7 +39,7 @@ _ID_ALPHABET = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.u
 class SyntheticSpec:
     """Sizes and shape of the generated data; the defaults keep the default run to a few minutes."""
 
-    num_users: int = 30_000
+    num_users: int = 100_000
     num_items: int = 20_000
     num_categories: int = 400
     series_length: int = 6              # items per series; a series lives inside one category
@@ -223,3 +224,44 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), 
         with atomic_write(path) as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
             gz.write("".join(lines).encode())
     return reviews_path, meta_path
+
+
+def _define_flags() -> None:
+    """One flag per SyntheticSpec field plus --out_dir and --seed; defined only when run as a program."""
+    from absl import flags
+
+    flags.DEFINE_string("out_dir", None, "Directory for the raw review and meta files.", required=True)
+    flags.DEFINE_integer("seed", 0, "Generator seed: the same spec and seed give the same bytes.")
+    for field in dataclasses.fields(SyntheticSpec):
+        default = field.default
+        if isinstance(default, tuple):
+            flags.DEFINE_list(field.name, [str(v) for v in default], f"SyntheticSpec.{field.name} (low,high).")
+        elif isinstance(default, float):
+            flags.DEFINE_float(field.name, default, f"SyntheticSpec.{field.name}.")
+        else:
+            flags.DEFINE_integer(field.name, default, f"SyntheticSpec.{field.name}.")
+
+
+def main(argv: list[str]) -> None:
+    """Writes reviews_Synthetic_5.json.gz and meta_Synthetic.json.gz into --out_dir."""
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(SyntheticSpec)}
+    values["interests_per_user"] = tuple(int(v) for v in values["interests_per_user"])
+    try:
+        spec = SyntheticSpec(**values)
+        start = time_module.perf_counter()
+        paths = generate(flags.FLAGS.out_dir, spec, flags.FLAGS.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {paths[0]} and {paths[1]} in {time_module.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

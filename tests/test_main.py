@@ -1,0 +1,69 @@
+"""The command line: one-sentence errors for bad input, and a tiny real run through main."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.synthetic.num_users=400", "--config.synthetic.num_items=300", "--config.synthetic.num_categories=20",
+        "--config.synthetic.mean_reviews=6", "--config.synthetic.max_reviews=20", "--config.batch_size=64"]
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "din_jax.main", "--config", "configs/default.py", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.bogus_field=3"), 2, "'config.bogus_field'")
+    assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.model.bogus=3"), 2, "'config.model.bogus'")
+
+
+def test_bad_config_value_and_missing_config_file(tmp_path):
+    assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.batch_size=abc"), 2, "--config.batch_size=abc")
+    assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.optimizer=sgd"), 1, "config.optimizer='sgd'")
+    result = subprocess.run([sys.executable, "-m", "din_jax.main", "--config", "configs/nope.py", "--workdir",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, 2, "configs/nope.py")
+
+
+def test_missing_data_directory_says_how_to_prepare(tmp_path):
+    result = run_main("--workdir", str(tmp_path), "--config.dataset=dien", f"--config.data_dir={tmp_path}/nope")
+    assert_one_line_error(result, 1, f"{tmp_path}/nope", "python -m input_pipeline.amazon")
+
+
+def test_malformed_sample_line_names_file_and_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, tokens in (("uid_voc.txt", "u1\n"), ("mid_voc.txt", "default_mid\nm1\n"), ("cat_voc.txt", "default_cat\nc\n")):
+        (data / name).write_text(tokens)
+    (data / "local_train_splitByUser").write_text("0\tu1\tm1\tc\tm1\tc\n1\tu1\tm1\tc\n")
+    (data / "local_test_splitByUser").write_text("0\tu1\tm1\tc\tm1\tc\n")
+    result = run_main("--workdir", str(tmp_path / "run"), "--config.dataset=dien", f"--config.data_dir={data}")
+    assert_one_line_error(result, 1, "local_train_splitByUser:2:")
+
+
+@pytest.mark.parametrize("extra", [["--config.timeline=2", "--config.steps=4"]])
+def test_tiny_run_prints_results_and_writes_profile(tmp_path, extra):
+    workdir = tmp_path / "run"
+    result = run_main("--workdir", str(workdir), *TINY, *extra)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "din_jax results" in result.stdout and "test auc" in result.stdout
+    assert json.loads((workdir / "eval_metrics.json").read_text())["step"] == 4
+    traces = [f for _, _, files in os.walk(workdir / "profile") for f in files if f.endswith(".xplane.pb")]
+    assert traces, "the --config.timeline trace was not written"
+    assert "checkpoint_manager.py" not in result.stderr  # orbax chatter is filtered
