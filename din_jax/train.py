@@ -160,15 +160,36 @@ class _Profiler:
             logging.info("Wrote a %d-step profile to %s", self.num_steps, self.directory)
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The model and its jitted steps for one config: what the loop, benchmarks and notebooks drive."""
+
+    model: DIN
+    tx: optax.GradientTransformation
+    train_step: Any   # (TrainState, Batch) -> (TrainState, {'loss'}); donates the state
+    eval_step: Any    # (TrainState, Batch) -> probabilities [B]
+
+    def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
+        """A fresh train state from `config.seed`."""
+        return create_train_state(config, self.model, self.tx)
+
+
+def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> Trainer:
+    """Builds the model, the optimizer and the jitted train and eval steps for `config`."""
+    model = build_model(config, vocab_sizes)
+    tx = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm)
+    return Trainer(model, tx, jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,)),
+                   jax.jit(functools.partial(eval_step, model)))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains for `config.steps` steps (0 = one epoch), evaluates, writes metrics and checkpoints."""
     config_check.validate(config)
     os.makedirs(workdir, exist_ok=True)
     wall_start = time.perf_counter()
     data = load_data(config, workdir)
-    model = build_model(config, data.vocabs.sizes)
-    tx = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm)
-    state = create_train_state(config, model, tx)
+    trainer = create_trainer(config, data.vocabs.sizes)
+    state = trainer.init_state(config)
     checkpointer = checkpoint_lib.Checkpointer(config.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                                config.save_steps, config.keep_checkpoint_max)
     restored = checkpointer.restore_latest(state)
@@ -179,8 +200,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps_per_epoch = batches_lib.num_batches(len(data.train), config.batch_size)
     total_steps = config.steps or steps_per_epoch
     first_step = int(state.step)
-    p_train_step = jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,))
-    p_eval_step = jax.jit(functools.partial(eval_step, model))
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     profiler = _Profiler(config.timeline, os.path.join(workdir, "profile"), first_step)
     logging.info("Data %s: %d train / %d test examples, vocabularies %s; %d steps of batch %d (%d per epoch)",
@@ -196,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(first_step, total_steps):
         batch = next(batches)
         profiler.before(step)
-        state, step_metrics = p_train_step(state, batch)
+        state, step_metrics = trainer.train_step(state, batch)
         profiler.after(step, state.step)
         if step == first_step:  # the first step compiles: time it apart from throughput
             jax.block_until_ready(state.step)
@@ -214,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.add_scalar("train/loss", loss, done)
             writer.add_scalar("train/samples_per_sec", rate, done)
         if not config.no_eval and config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-            _write_eval(writer, evaluate(p_eval_step, state, data.test, config), done)
+            _write_eval(writer, evaluate(trainer.eval_step, state, data.test, config), done)
         checkpointer.save(done, state)
     jax.block_until_ready(state)
     timed_seconds = time.perf_counter() - timer if total_steps > first_step else 0.0
@@ -223,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
 
     if not config.no_eval:
-        eval_metrics = evaluate(p_eval_step, state, data.test, config)
+        eval_metrics = evaluate(trainer.eval_step, state, data.test, config)
         eval_metrics["step"] = int(state.step)
         _write_eval(writer, eval_metrics, int(state.step))
         _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
