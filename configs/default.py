@@ -44,8 +44,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.no_eval = False
     config.seed = 2021
     config.learning_rate = 0.001
-    config.optimizer = "adam"       # adam | adagrad
+    config.optimizer = "adam"       # adam | adamasync | adagrad | adagraddecay
+    config.adagrad_decay_step = 100_000   # adagraddecay: accumulator_decay_step
+    config.adagrad_decay_rate = 0.9       # adagraddecay: accumulator_decay_rate
     config.clip_norm = 5.0          # per-tensor tf.clip_by_norm, as DeepRec's DIN
+    config.sparse_embeddings = True # update only the embedding rows a step touches (False: whole tables)
+    config.micro_batch = 0          # seed --micro_batch: accumulate gradients over N slices of a batch (0/1 off)
+    config.precision = "fp32"       # seed --bf16: fp32 | mixed_bf16 (bf16 compute, fp32 weights) | bf16
     config.checkpoint_dir = ""      # seed --checkpoint; '' -> WORKDIR/checkpoints
     config.save_steps = 0           # periodic checkpoints every N steps, 0 = only the final one
     config.keep_checkpoint_max = 1

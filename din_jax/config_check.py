@@ -16,13 +16,14 @@ _CHOICES = {
     "dataset": ("synthetic", "dien"),
     "history_keep": ("first", "last"),
     "optimizer": OPTIMIZERS,
+    "precision": ("fp32", "mixed_bf16", "bf16"),
     "model.batch_norm": ("frozen", "batch", "none"),
     "model.activation": ("relu", "dice"),
     "model.attention": ATTENTION_MODES,
 }
-_POSITIVE = ("batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
+_POSITIVE = ("adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
              "keep_checkpoint_max", "model.embedding_dim")
-_NON_NEGATIVE = ("steps", "save_steps", "timeline", "eval_every_steps")
+_NON_NEGATIVE = ("steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -43,6 +44,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in _NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"config.{key}={_get(config, key)!r} must be 0 or positive")
+    if config.micro_batch > 1 and config.batch_size % config.micro_batch:
+        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                          f"config.micro_batch={config.micro_batch}; choose a micro_batch that divides it")
+    if config.optimizer == "adamasync" and not config.sparse_embeddings:
+        raise ConfigError("config.optimizer='adamasync' updates embedding rows lazily and needs "
+                          "config.sparse_embeddings=True")
     if config.dataset == "dien" and not config.data_dir:
         raise ConfigError("config.dataset='dien' needs --config.data_dir pointing at a prepared DIEN directory "
                           "(python -m input_pipeline.amazon --out_dir DIR)")

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from din_jax import checkpoint as checkpoint_lib
 from din_jax import config_check
 from din_jax.metrics import StreamingMetrics
+from din_jax.embedding import TABLES, RowLookup, embedded_from_rows, gather_rows, row_lookups, scatter_rows, split_tables
 from din_jax.model import DIN
-from din_jax.optim import create_optimizer
+from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from input_pipeline import batches as batches_lib
 from input_pipeline import datasets, dien
 from input_pipeline.synthetic import SyntheticSpec
@@ -53,12 +54,18 @@ class Data:
     test: dien.EncodedSplit
 
 
+PRECISIONS = {"fp32": (jnp.float32, jnp.float32), "mixed_bf16": (jnp.bfloat16, jnp.float32),
+              "bf16": (jnp.bfloat16, jnp.bfloat16)}  # precision -> (compute dtype, parameter dtype)
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> DIN:
-    """The DIN module for `config.model` and the data's vocabulary sizes."""
+    """The DIN module for `config.model`, `config.precision` and the data's vocabulary sizes."""
     m = config.model
+    dtype, param_dtype = PRECISIONS[config.precision]
     return DIN(vocab_sizes=dict(vocab_sizes), embedding_dim=m.embedding_dim,
                attention_hidden=tuple(m.attention_hidden), mlp_hidden=tuple(m.mlp_hidden), mlp_out=m.mlp_out,
-               batch_norm=m.batch_norm, activation=m.activation, attention=m.attention)
+               batch_norm=m.batch_norm, activation=m.activation, attention=m.attention, dtype=dtype,
+               param_dtype=param_dtype)
 
 
 def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
@@ -70,33 +77,117 @@ def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
             "weight": np.ones([batch_size], np.float32), "user": ids}
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: DIN, tx: optax.GradientTransformation) -> TrainState:
-    """Parameters initialised as the seed's TF1 graph does, from `config.seed`."""
-    variables = model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
-    params = variables["params"]
+def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer: Optimizer) -> TrainState:
+    """Parameters initialised as the seed's TF1 graph does, from `config.seed`, and fresh optimizer slots."""
+    # Initialise in fp32 and cast, so every precision starts from the same numbers.
+    fp32_model = model.clone(dtype=jnp.float32, param_dtype=jnp.float32)
+    variables = fp32_model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
+    params = jax.tree.map(lambda p: p.astype(model.param_dtype), variables["params"])
+    if config.sparse_embeddings:
+        tables, dense = split_tables(params)
+        slots = {name: optimizer.rows.init(table) for name, table in tables.items()}
+        opt_state = {"dense": optimizer.dense.init(dense), "rows": {k: v[0] for k, v in slots.items()},
+                     "tables": {k: v[1] for k, v in slots.items()}}
+    else:
+        opt_state = {"dense": optimizer.dense.init(params)}
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                      batch_stats=variables.get("batch_stats", {}), opt_state=opt_state)
 
 
-def weighted_sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    """Mean sigmoid cross-entropy over the real rows (weight 1); padding rows (weight 0) add nothing."""
+def weighted_sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                                   total_weight: jax.Array | None = None) -> jax.Array:
+    """Sigmoid cross-entropy summed over real rows (weight 1) / total_weight (default: their count)."""
     losses = optax.sigmoid_binary_cross_entropy(logits, labels)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    if total_weight is None:
+        total_weight = jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(losses * weights) / total_weight
 
 
-def train_step(model: DIN, tx: optax.GradientTransformation, state: TrainState, batch: Batch
+def _split_micro(tree: Any, n: int) -> Any:
+    """[B, ...] leaves -> [n, B/n, ...]: the micro-batches of a batch, for lax.scan."""
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
+
+
+def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int) -> dict[str, jax.Array]:
+    """Each table's inverse index cut into n micro-batches: [n, lookups per micro-batch]."""
+    out = {}
+    for table, lookup in lookups.items():
+        parts, offset = [], 0
+        for column in TABLES[table]:
+            size = batch[column].size  # B for a target column, B * T for a history column
+            parts.append(lookup.inverse[offset:offset + size].reshape(n, -1))
+            offset += size
+        out[table] = jnp.concatenate(parts, axis=1)
+    return out
+
+
+def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, state: TrainState, batch: Batch
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on `batch`; returns the new state and the batch loss."""
+    """One optimizer step on `batch`, gradients accumulated over `micro_batch` slices; returns state and loss.
 
-    def loss_fn(params):
-        variables = {"params": params, "batch_stats": state.batch_stats}
-        (logits, _), updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
-        return weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"]), updates
+    sparse: gradients w.r.t. the gathered embedding rows, and only those rows (and their optimizer
+    slots) updated; else gradients w.r.t. whole tables (the O(vocabulary) reference path).
+    """
+    n = max(micro_batch, 1)
+    total_weight = jnp.maximum(jnp.sum(batch["weight"]), 1.0)  # the loss is the mean over the whole batch
+    tables, dense = split_tables(state.params)
 
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, param_updates),
-                              batch_stats=updates.get("batch_stats", state.batch_stats), opt_state=opt_state)
+    if sparse:
+        lookups = row_lookups(batch, {k: v.shape[0] for k, v in tables.items()})
+        variables_in = (dense, {k: gather_rows(tables[k], lookups[k].ids) for k in tables})
+        micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n))
+
+        def forward(diff, data, batch_stats):
+            dense_params, rows = diff
+            micro, inverses = data
+            embedded = embedded_from_rows(rows, {k: RowLookup(lookups[k].ids, inverses[k]) for k in rows}, micro)
+            variables = {"params": {**dense_params, **tables}, "batch_stats": batch_stats}
+            return model.apply(variables, embedded, micro["hist_mask"], micro["weight"], True,
+                               method=DIN.from_embedded, mutable=["batch_stats"])
+    else:
+        variables_in = state.params
+        micro_data = _split_micro(batch, n)
+
+        def forward(params, micro, batch_stats):
+            return model.apply({"params": params, "batch_stats": batch_stats}, micro, train=True,
+                               mutable=["batch_stats"])
+
+    def loss_fn(diff, data, batch_stats):
+        (logits, _), updates = forward(diff, data, batch_stats)
+        micro = data[0] if sparse else data
+        loss = weighted_sigmoid_cross_entropy(logits, micro["label"], micro["weight"], total_weight)
+        return loss, updates.get("batch_stats", batch_stats)
+
+    def accumulate(carry, data):
+        grads, loss, batch_stats = carry
+        (micro_loss, batch_stats), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(variables_in, data,
+                                                                                           batch_stats)
+        return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss, batch_stats), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), variables_in)
+    (grads, loss, batch_stats), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros([], jnp.float32), state.batch_stats),
+                                                 micro_data)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, variables_in)
+
+    if sparse:
+        dense_grads, row_grads = grads
+        dense_updates, dense_opt = optimizer.dense.update(dense_grads, state.opt_state["dense"], dense)
+        new_params = dict(optax.apply_updates(dense, dense_updates))
+        new_rows_slots, new_table_slots = {}, {}
+        for name, table in tables.items():
+            ids = lookups[name].ids
+            slot_rows = {k: v.at[ids].get(mode="clip") for k, v in state.opt_state["rows"][name].items()}
+            rows, slot_rows, new_table_slots[name] = optimizer.rows.update(
+                variables_in[1][name], clip_tensor(row_grads[name], optimizer.clip_norm), slot_rows,
+                state.opt_state["tables"][name], state.step)
+            new_params[name] = scatter_rows(table, ids, rows)
+            new_rows_slots[name] = {k: scatter_rows(state.opt_state["rows"][name][k], ids, v)
+                                    for k, v in slot_rows.items()}
+        opt_state = {"dense": dense_opt, "rows": new_rows_slots, "tables": new_table_slots}
+    else:
+        updates, dense_opt = optimizer.dense.update(grads, state.opt_state["dense"], state.params)
+        new_params, opt_state = optax.apply_updates(state.params, updates), {"dense": dense_opt}
+    new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, {"loss": loss}
 
 
@@ -165,21 +256,22 @@ class Trainer:
     """The model and its jitted steps for one config: what the loop, benchmarks and notebooks drive."""
 
     model: DIN
-    tx: optax.GradientTransformation
+    optimizer: Optimizer
     train_step: Any   # (TrainState, Batch) -> (TrainState, {'loss'}); donates the state
     eval_step: Any    # (TrainState, Batch) -> probabilities [B]
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
         """A fresh train state from `config.seed`."""
-        return create_train_state(config, self.model, self.tx)
+        return create_train_state(config, self.model, self.optimizer)
 
 
 def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> Trainer:
     """Builds the model, the optimizer and the jitted train and eval steps for `config`."""
     model = build_model(config, vocab_sizes)
-    tx = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm)
-    return Trainer(model, tx, jax.jit(functools.partial(train_step, model, tx), donate_argnums=(0,)),
-                   jax.jit(functools.partial(eval_step, model)))
+    optimizer = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm,
+                                 decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate)
+    step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch)
+    return Trainer(model, optimizer, jax.jit(step, donate_argnums=(0,)), jax.jit(functools.partial(eval_step, model)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""Embedding tables and row-sparse lookups: gather the rows a batch touches, differentiate w.r.t. them.
+
+A step looks up, per table, the ids of the batch (targets and the real history positions), reduces
+them to unique ids (a fixed-size jnp.unique, padded with an out-of-range id), gathers those rows,
+and builds the model's embedded inputs from them. Gradients are then taken w.r.t. the gathered rows
+(duplicates summed by the gather's transpose), and only those rows of the table and of its optimizer
+slots are updated and scattered back - O(batch), not O(vocabulary), per step.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Table parameter name -> the batch columns that look it up.
+TABLES: dict[str, tuple[str, ...]] = {"uid_table": ("uid",), "mid_table": ("mid", "hist_mids"),
+                                      "cat_table": ("cat", "hist_cats")}
+
+
+class RowLookup(NamedTuple):
+    """One table's touched rows: `ids` [N] unique (padded with the table size), `inverse` per lookup."""
+
+    ids: Array
+    inverse: Array
+
+
+def touched_ids(batch: Mapping[str, Array], column: str, table_size: int) -> Array:
+    """The ids a column really looks up, flattened; padding rows and masked history positions -> table_size."""
+    ids = batch[column]
+    real = batch["weight"] > 0
+    if ids.ndim == 2:
+        real = real[:, None] & batch["hist_mask"]
+    return jnp.where(real, ids, table_size).reshape(-1)
+
+
+def row_lookups(batch: Mapping[str, Array], table_sizes: Mapping[str, int]) -> dict[str, RowLookup]:
+    """Unique touched ids and the inverse index of every lookup, per table (fixed shapes under jit)."""
+    lookups = {}
+    for table, columns in TABLES.items():
+        ids = jnp.concatenate([touched_ids(batch, c, table_sizes[table]) for c in columns])
+        unique, inverse = jnp.unique(ids, size=ids.shape[0], fill_value=table_sizes[table], return_inverse=True)
+        lookups[table] = RowLookup(unique, inverse.reshape(-1))
+    return lookups
+
+
+def gather_rows(table: Array, ids: Array) -> Array:
+    """table[ids] with out-of-range (padding) ids reading zeros."""
+    return table.at[ids].get(mode="fill", fill_value=0)
+
+
+def scatter_rows(table: Array, ids: Array, rows: Array) -> Array:
+    """table with rows[i] written at ids[i]; out-of-range (padding) ids are dropped."""
+    return table.at[ids].set(rows.astype(table.dtype), mode="drop", unique_indices=True)
+
+
+def embedded_from_rows(rows: Mapping[str, Array], lookups: Mapping[str, RowLookup],
+                       batch: Mapping[str, Array]) -> dict[str, Array]:
+    """The model's embedded inputs (uid [B, E], item [B, D], history [B, T, D]) built from gathered rows."""
+    batch_size, seq_len = batch["hist_mids"].shape
+
+    def pieces(table):
+        looked_up = rows[table][lookups[table].inverse]
+        return looked_up[:batch_size], looked_up[batch_size:].reshape(batch_size, seq_len, -1)
+
+    mid, hist_mid = pieces("mid_table")
+    cat, hist_cat = pieces("cat_table")
+    uid = rows["uid_table"][lookups["uid_table"].inverse]
+    return {"uid": uid, "item": jnp.concatenate([mid, cat], -1), "history": jnp.concatenate([hist_mid, hist_cat], -1)}
+
+
+def split_tables(params: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
+    """(embedding tables, everything else) of a DIN params dict."""
+    tables = {name: params[name] for name in TABLES}
+    dense = {name: value for name, value in params.items() if name not in TABLES}
+    return tables, dense

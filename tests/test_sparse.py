@@ -1,0 +1,126 @@
+"""Row-sparse embedding updates against the whole-table path, micro-batching and precision options."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from din_jax import train
+from din_jax.embedding import row_lookups
+
+VOCAB = {"uid": 40, "mid": 60, "cat": 9}
+B, T = 16, 7
+
+
+def batches(steps: int, seed: int = 0, hot_rows: int | None = None):
+    """Random batches; with hot_rows, every mid/cat/uid id lies in [0, hot_rows) and all appear every step."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        lengths = rng.integers(0, T + 1, B)
+        mask = np.arange(T)[None] < lengths[:, None]
+
+        def ids(size, shape):
+            upper = hot_rows or size
+            return rng.integers(0, upper, shape).astype(np.int32)
+
+        batch = {"uid": ids(VOCAB["uid"], B), "mid": ids(VOCAB["mid"], B), "cat": ids(VOCAB["cat"], B),
+                 "hist_mids": np.where(mask, ids(VOCAB["mid"], (B, T)), 0).astype(np.int32),
+                 "hist_cats": np.where(mask, ids(VOCAB["cat"], (B, T)), 0).astype(np.int32),
+                 "hist_mask": mask, "label": rng.integers(0, 2, B).astype(np.float32),
+                 "weight": np.r_[np.ones(B - 2), np.zeros(2)].astype(np.float32), "user": np.zeros(B, np.int32)}
+        if hot_rows:
+            for column, size in (("uid", B), ("mid", B), ("cat", B)):
+                batch[column][:hot_rows] = np.arange(hot_rows)
+        out.append(batch)
+    return out
+
+
+def config_for(**overrides) -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.max_seq_length = T
+    config.learning_rate = 0.05
+    config.update(overrides)
+    return config
+
+
+def train_params(config, stream):
+    trainer = train.create_trainer(config, VOCAB)
+    state = trainer.init_state(config)
+    for batch in stream:
+        state, _ = trainer.train_step(state, batch)
+    return jax.tree.map(np.asarray, state.params)
+
+
+def assert_trees_close(a, b, rtol=1e-6, atol=1e-7, keys=None):
+    for name in keys or a:
+        for left, right in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
+            np.testing.assert_allclose(left, right, rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adagraddecay"])
+def test_row_sparse_updates_equal_whole_table_updates(optimizer):
+    stream = batches(6)
+    sparse = train_params(config_for(optimizer=optimizer, adagrad_decay_step=2, adagrad_decay_rate=0.5), stream)
+    dense = train_params(config_for(optimizer=optimizer, adagrad_decay_step=2, adagrad_decay_rate=0.5,
+                                    sparse_embeddings=False), stream)
+    assert_trees_close(sparse, dense, rtol=2e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(VOCAB["mid"]), np.concatenate(
+        [np.r_[b["mid"], b["hist_mids"][b["hist_mask"]]] for b in stream]))
+    init = train.create_trainer(config_for(), VOCAB).init_state(config_for()).params["mid_table"]
+    np.testing.assert_array_equal(sparse["mid_table"][untouched], np.asarray(init)[untouched])
+
+
+def test_row_sparse_adam_equals_dense_adam_on_rows_touched_every_step():
+    stream = batches(5, seed=1, hot_rows=4)
+    sparse = train_params(config_for(optimizer="adam", learning_rate=0.001), stream)
+    dense = train_params(config_for(optimizer="adam", learning_rate=0.001, sparse_embeddings=False), stream)
+    # Adam moves every weight by ~lr whatever the gradient's size, so float32 summation-order noise in
+    # near-zero gradients can show up at ~1e-3 of lr; compare at that scale.
+    for table in ("uid_table", "mid_table", "cat_table"):
+        np.testing.assert_allclose(sparse[table][:4], dense[table][:4], rtol=1e-4, atol=2e-6)
+    # The attention output bias cannot change a softmax (shift invariance): its gradient is pure float
+    # noise, which Adam scales up to +-lr; it is the one leaf left out.
+    sparse["attention_unit"]["att_out"].pop("bias"), dense["attention_unit"]["att_out"].pop("bias")
+    assert_trees_close(sparse, dense, rtol=1e-4, atol=2e-6, keys=[k for k in sparse if not k.endswith("_table")])
+
+
+def test_padding_and_masked_positions_touch_no_row():
+    batch = batches(1)[0]
+    lookups = row_lookups(batch, {"uid_table": VOCAB["uid"], "mid_table": VOCAB["mid"], "cat_table": VOCAB["cat"]})
+    real = batch["weight"] > 0
+    want_mids = np.unique(np.r_[batch["mid"][real], batch["hist_mids"][real[:, None] & batch["hist_mask"]]])
+    got = np.asarray(lookups["mid_table"].ids)
+    np.testing.assert_array_equal(got[got < VOCAB["mid"]], want_mids)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_micro_batches_equal_the_large_batch(sparse):
+    stream = batches(3, seed=2)
+    whole = train_params(config_for(optimizer="adagrad", sparse_embeddings=sparse), stream)
+    micro = train_params(config_for(optimizer="adagrad", sparse_embeddings=sparse, micro_batch=4), stream)
+    assert_trees_close(whole, micro, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bf16", "bf16"])
+def test_precisions_train_and_keep_loss_in_fp32(precision):
+    stream = batches(3, seed=3)
+    config = config_for(precision=precision)
+    trainer = train.create_trainer(config, VOCAB)
+    state = trainer.init_state(config)
+    want_dtype = np.dtype("bfloat16") if precision == "bf16" else np.float32
+    assert state.params["mid_table"].dtype == want_dtype
+    assert state.params["hidden_layers_0"]["kernel"].dtype == want_dtype
+    losses = []
+    for batch in stream:
+        state, metrics = trainer.train_step(state, batch)
+        assert metrics["loss"].dtype == np.float32
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    probs = trainer.eval_step(state, stream[0])
+    assert probs.dtype == np.float32
+    fp32 = train_params(config_for(), stream)
+    assert np.abs(np.asarray(state.params["logit"]["kernel"], np.float32) - fp32["logit"]["kernel"]).max() < 0.05
