@@ -25,6 +25,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.prepare_seed = 3         # seed of the DIEN preparation (negative sampling, train/test split)
     config.max_seq_length = 50      # DeepRec truncates histories to 50 entries
     config.history_keep = "first"   # 'first' (oldest 50, DeepRec) or 'last' (newest 50)
+    # Length bucketing: batches grouped by history length and padded to the first boundary that fits
+    # (masked padding: same math per example, less work). () pads every batch to max_seq_length.
+    config.bucket_boundaries = ()
+    # History packing: only real history positions reach the device, padded to a multiple of this
+    # (a few shapes); batches stay as sampled. 0 = pad every history to max_seq_length.
+    config.pack_granularity = 1024
 
     # --- model ------------------------------------------------------------------------------------
     config.model = ml_collections.ConfigDict(dict(

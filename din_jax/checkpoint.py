@@ -51,9 +51,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
         """Saves `state` at `step` if it is a save step (or `force`); returns whether it saved."""
-        if step in self.manager.all_steps():
-            return False
         if not force and (self.save_steps <= 0 or step % self.save_steps):
+            return False  # checked first: this runs every step and must not touch the file system
+        if step in self.manager.all_steps():
             return False
         try:
             return self.manager.save(step, args=ocp.args.StandardSave(state), force=True)

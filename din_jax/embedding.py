@@ -14,6 +14,8 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from din_jax.model import history_positions
+
 Array = jax.Array
 
 # Table parameter name -> the batch columns that look it up.
@@ -29,12 +31,15 @@ class RowLookup(NamedTuple):
 
 
 def touched_ids(batch: Mapping[str, Array], column: str, table_size: int) -> Array:
-    """The ids a column really looks up, flattened; padding rows and masked history positions -> table_size."""
-    ids = batch[column]
-    real = batch["weight"] > 0
-    if ids.ndim == 2:
-        real = real[:, None] & batch["hist_mask"]
-    return jnp.where(real, ids, table_size).reshape(-1)
+    """The ids a column really looks up, flattened (history: per position, see model.history_positions);
+    padding rows, masked and padding positions -> table_size."""
+    real_rows = jnp.asarray(batch["weight"]) > 0
+    if column.startswith("hist_"):
+        flat, segment = history_positions(batch)
+        ids = jnp.asarray(batch[column]).reshape(-1).at[flat].get(mode="fill", fill_value=table_size)
+        real = (flat < batch[column].size) & jnp.asarray(real_rows).at[segment].get(mode="fill", fill_value=False)
+        return jnp.where(real, ids, table_size)
+    return jnp.where(real_rows, batch[column], table_size)
 
 
 def row_lookups(batch: Mapping[str, Array], table_sizes: Mapping[str, int]) -> dict[str, RowLookup]:
@@ -59,17 +64,19 @@ def scatter_rows(table: Array, ids: Array, rows: Array) -> Array:
 
 def embedded_from_rows(rows: Mapping[str, Array], lookups: Mapping[str, RowLookup],
                        batch: Mapping[str, Array]) -> dict[str, Array]:
-    """The model's embedded inputs (uid [B, E], item [B, D], history [B, T, D]) built from gathered rows."""
-    batch_size, seq_len = batch["hist_mids"].shape
+    """The model's embedded inputs (uid [B, E], item [B, D], keys [P, D], segment [P]) from gathered rows."""
+    batch_size = batch["weight"].shape[0]
 
     def pieces(table):
         looked_up = rows[table][lookups[table].inverse]
-        return looked_up[:batch_size], looked_up[batch_size:].reshape(batch_size, seq_len, -1)
+        return looked_up[:batch_size], looked_up[batch_size:]
 
     mid, hist_mid = pieces("mid_table")
     cat, hist_cat = pieces("cat_table")
     uid = rows["uid_table"][lookups["uid_table"].inverse]
-    return {"uid": uid, "item": jnp.concatenate([mid, cat], -1), "history": jnp.concatenate([hist_mid, hist_cat], -1)}
+    _, segment = history_positions(batch)
+    return {"uid": uid, "item": jnp.concatenate([mid, cat], -1), "keys": jnp.concatenate([hist_mid, hist_cat], -1),
+            "segment": segment}
 
 
 def split_tables(params: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:

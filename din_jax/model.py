@@ -2,7 +2,9 @@
 
 Shapes: B = batch, T = history length, E = embedding_dim (18), D = 2E (item ++ category = 36).
 The model is split into `embed` (table lookups) and `from_embedded` (everything after the lookups)
-so that training can take gradients with respect to gathered rows instead of whole tables.
+so that training can take gradients with respect to gathered rows instead of whole tables. The
+history is handled as a list of P positions with the example each belongs to (segment ids), so a
+batch can carry only its real history positions (packing) instead of B x T padded ones.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# DeepRec fills masked attention scores with -2^32 + 1 before the softmax.
-ATTENTION_PADDING = -(2.0**32) + 1
 # tf.layers.batch_normalization defaults.
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
@@ -84,13 +84,45 @@ class FrozenBatchNorm(nn.Module):
         return x * (gamma / jnp.sqrt(1.0 + BN_EPSILON)).astype(x.dtype) + beta.astype(x.dtype)
 
 
+def segment_sum(values: Array, segment: Array, num_segments: int) -> Array:
+    """Sums of `values` rows per segment id in [0, num_segments); ids >= num_segments (padding) are dropped."""
+    return jax.ops.segment_sum(values, segment, num_segments + 1, indices_are_sorted=True)[:num_segments]
+
+
+class SplitConcatDense(nn.Module):
+    """Dense(H) over [q, k, q-k, q*k] computed without building the 4D-wide input.
+
+    With the kernel in four row blocks W = [Wq; Wk; Wd; Wp]:
+    [q, k, q-k, q*k] @ W + b = (q @ (Wq + Wd) + b) + k @ (Wk - Wd) + (q*k) @ Wp,
+    so the query's share is computed once per example instead of once per history position.
+    The parameters are those of nn.Dense(H) on the 4D-wide input (same shapes, same init).
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, query: Array, keys: Array, segment: Array) -> Array:
+        d = keys.shape[-1]
+        kernel = self.param("kernel", glorot_uniform, (4 * d, self.features), self.param_dtype).astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        w_q, w_k, w_d, w_p = kernel[:d], kernel[d:2 * d], kernel[2 * d:3 * d], kernel[3 * d:]
+        per_example = query @ (w_q + w_d) + bias                                      # [B, H]
+        row = jnp.minimum(segment, query.shape[0] - 1)                                # padding -> any row
+        query_at = query[row]                                                         # [P, D]
+        return per_example[row] + keys @ (w_k - w_d) + (query_at * keys) @ w_p      # [P, H]
+
+
 class AttentionUnit(nn.Module):
     """DIN's local activation unit over the history: weights = softmax(MLP([q, k, q-k, q*k])) on real positions.
 
-    query = PReLU(Dense_D(item_emb)); scores at padded positions are set to -2^32+1 before the softmax
-    (DeepRec). mode 'unnormalized' (the DIN paper) uses the raw scores, 0 on padded positions; mode
-    'mean' is the no-attention baseline: uniform weights over the real history, no learned unit.
-    Returns (output [B, D], weights [B, T]).
+    The history comes as P positions: keys [P, D] and the example each belongs to, `segment` [P]
+    (B for padding). query = PReLU(Dense_D(item_emb)); the softmax runs over each example's real
+    positions, which is what DeepRec's -2^32+1 fill of padded scores amounts to (their exp is 0; an
+    empty history, whose padded keys DeepRec zeroes, gives output 0 either way). Mode 'unnormalized'
+    (the DIN paper) uses the raw scores; mode 'mean' is uniform weights, no learned unit.
+    Returns (output [B, D], weights [P]; 0 on padding).
     """
 
     hidden: tuple[int, ...] = (80, 40)
@@ -99,25 +131,32 @@ class AttentionUnit(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, item_emb: Array, keys: Array, mask: Array) -> tuple[Array, Array]:
+    def __call__(self, item_emb: Array, keys: Array, segment: Array) -> tuple[Array, Array]:
+        batch_size = item_emb.shape[0]
+        real = segment < batch_size
         if self.mode == "mean":
-            weights = mask / jnp.maximum(mask.sum(-1, keepdims=True), 1)
-            return jnp.einsum("bt,btd->bd", weights.astype(keys.dtype), keys), weights.astype(jnp.float32)
-        dense = lambda n, name: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.dtype,  # noqa: E731
-                                         param_dtype=self.param_dtype, name=name)
-        query = PReLU(param_dtype=self.param_dtype, name="query_prelu")(dense(keys.shape[-1], "query")(item_emb))
-        queries = jnp.broadcast_to(query[:, None, :], keys.shape)                       # [B, T, D]
-        x = jnp.concatenate([queries, keys, queries - keys, queries * keys], axis=-1)  # [B, T, 4D]
-        for i, width in enumerate(self.hidden):
-            x = nn.sigmoid(dense(width, f"att_{i}")(x))
-        scores = dense(1, "att_out")(x)[..., 0].astype(jnp.float32)                    # [B, T]
-        if self.mode == "softmax":
-            weights = jax.nn.softmax(jnp.where(mask, scores, ATTENTION_PADDING), axis=-1)
+            counts = segment_sum(real.astype(jnp.float32), segment, batch_size)
+            weights = jnp.where(real, 1.0 / jnp.maximum(counts, 1.0)[jnp.minimum(segment, batch_size - 1)], 0.0)
         else:
-            weights = jnp.where(mask, scores, 0.0)
-        output = jnp.einsum("bt,btd->bd", weights.astype(keys.dtype), keys)
-        # An empty history softmaxes to 1/T on padding; those keys are zero, so only the report changes.
-        return output, jnp.where(mask, weights, 0.0)
+            dense = lambda n, name: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.dtype,  # noqa: E731
+                                             param_dtype=self.param_dtype, name=name)
+            query = PReLU(param_dtype=self.param_dtype, name="query_prelu")(dense(keys.shape[-1], "query")(item_emb))
+            x = nn.sigmoid(SplitConcatDense(self.hidden[0], self.dtype, self.param_dtype, name="att_0")(
+                query, keys, segment))
+            for i, width in enumerate(self.hidden[1:], start=1):
+                x = nn.sigmoid(dense(width, f"att_{i}")(x))
+            scores = dense(1, "att_out")(x)[:, 0].astype(jnp.float32)                       # [P]
+            if self.mode == "softmax":  # per-example softmax; the max shift only keeps exp in range
+                row = jnp.minimum(segment, batch_size - 1)
+                top = jax.lax.stop_gradient(jax.ops.segment_max(
+                    jnp.where(real, scores, -jnp.inf), segment, batch_size + 1, indices_are_sorted=True))
+                exp = jnp.where(real, jnp.exp(jnp.where(real, scores - top[row], 0.0)), 0.0)
+                total = jax.ops.segment_sum(exp, segment, batch_size + 1, indices_are_sorted=True)
+                weights = exp / jnp.maximum(total[segment], 1e-30)
+            else:
+                weights = jnp.where(real, scores, 0.0)
+        output = segment_sum(weights[:, None].astype(keys.dtype) * keys, segment, batch_size)   # [B, D]
+        return output, weights
 
 
 class DIN(nn.Module):
@@ -167,23 +206,28 @@ class DIN(nn.Module):
         self.logit = dense(1)
 
     def embed(self, batch: Mapping[str, Array]) -> dict[str, Array]:
-        """Table lookups: uid [B, E], item [B, D], history [B, T, D] (padded positions zeroed)."""
+        """Table lookups: uid [B, E], item [B, D], and the history as positions (see history_positions)."""
         item = jnp.concatenate([self.mid_table[batch["mid"]], self.cat_table[batch["cat"]]], axis=-1)
-        history = jnp.concatenate([self.mid_table[batch["hist_mids"]], self.cat_table[batch["hist_cats"]]], axis=-1)
-        return {"uid": self.uid_table[batch["uid"]], "item": item, "history": history}
+        flat, segment = history_positions(batch)
+        mids = jnp.asarray(batch["hist_mids"]).reshape(-1).at[flat].get(mode="fill", fill_value=0)
+        cats = jnp.asarray(batch["hist_cats"]).reshape(-1).at[flat].get(mode="fill", fill_value=0)
+        keys = jnp.concatenate([self.mid_table[mids], self.cat_table[cats]], axis=-1)
+        return {"uid": self.uid_table[batch["uid"]], "item": item, "keys": keys, "segment": segment}
 
-    def from_embedded(self, embedded: Mapping[str, Array], mask: Array, row_weight: Array,
+    def from_embedded(self, embedded: Mapping[str, Array], row_weight: Array,
                       train: bool = False) -> tuple[Array, Array]:
-        """Everything after the lookups: returns (logits [B] in fp32, attention weights [B, T])."""
+        """Everything after the lookups: returns (logits [B] in fp32, attention weights [P])."""
         uid = embedded["uid"].astype(self.dtype)
         item = embedded["item"].astype(self.dtype)
-        history = embedded["history"].astype(self.dtype) * mask[..., None].astype(self.dtype)  # [B, T, D]
-        history_sum = history.sum(axis=1)                                                        # [B, D]
+        segment = embedded["segment"]
+        real = (segment < item.shape[0])[:, None]
+        keys = jnp.where(real, embedded["keys"].astype(self.dtype), 0)                          # [P, D]
+        history_sum = segment_sum(keys, segment, item.shape[0])                                 # [B, D]
         if self.attention == "none":  # DIEN's BaseModel: plain sum pooling, no interaction terms
-            weights = mask.astype(jnp.float32)
+            weights = real[:, 0].astype(jnp.float32)
             x = jnp.concatenate([uid, item, history_sum], axis=-1)                               # [B, 90]
         else:
-            attended, weights = self.attention_unit(item, history, mask)
+            attended, weights = self.attention_unit(item, keys, segment)
             x = jnp.concatenate([uid, item, history_sum, item * history_sum, attended], axis=-1)  # [B, 162]
         if self.batch_norm == "frozen":
             x = self.bn(x)
@@ -198,4 +242,23 @@ class DIN(nn.Module):
 
     def __call__(self, batch: Mapping[str, Array], train: bool = False) -> tuple[Array, Array]:
         """Logits [B] and attention weights [B, T] for a batch of ids (see input_pipeline.batches)."""
-        return self.from_embedded(self.embed(batch), batch["hist_mask"], batch["weight"], train)
+        logits, weights = self.from_embedded(self.embed(batch), batch["weight"], train)
+        flat, _ = history_positions(batch)
+        batch_size, seq_len = batch["hist_mids"].shape
+        grid = jnp.zeros([batch_size * seq_len], jnp.float32).at[flat].set(weights, mode="drop")
+        return logits, grid.reshape(batch_size, seq_len)
+
+
+def history_positions(batch: Mapping[str, Array]) -> tuple[Array, Array]:
+    """The history positions a step computes on: flat indices into [B*T] and their example ids.
+
+    A batch may carry 'hist_index' [P] (packed: only real positions, padded with B*T, see
+    din_jax.packing); otherwise every one of the B*T positions is used and masked ones point past
+    the end. Padding positions get example id B, which every segment operation drops.
+    """
+    batch_size, seq_len = batch["hist_mids"].shape
+    if "hist_index" in batch:
+        flat = batch["hist_index"]
+    else:
+        flat = jnp.where(batch["hist_mask"].reshape(-1), jnp.arange(batch_size * seq_len), batch_size * seq_len)
+    return flat, jnp.minimum(flat // seq_len, batch_size)

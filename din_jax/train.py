@@ -26,6 +26,7 @@ from din_jax.metrics import StreamingMetrics
 from din_jax.embedding import TABLES, RowLookup, embedded_from_rows, gather_rows, row_lookups, scatter_rows, split_tables
 from din_jax.model import DIN
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
+from din_jax.packing import epoch_pack_size, pack_history
 from input_pipeline import batches as batches_lib
 from input_pipeline import datasets, dien
 from input_pipeline.synthetic import SyntheticSpec
@@ -104,12 +105,17 @@ def weighted_sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array, weights
 
 
 def _split_micro(tree: Any, n: int) -> Any:
-    """[B, ...] leaves -> [n, B/n, ...]: the micro-batches of a batch, for lax.scan."""
+    """[B, ...] leaves -> [n, B/n, ...]: the micro-batches of a batch, for lax.scan (packed index: [1, P])."""
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
 
 
 def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int) -> dict[str, jax.Array]:
-    """Each table's inverse index cut into n micro-batches: [n, lookups per micro-batch]."""
+    """Each table's inverse index cut into n micro-batches: [n, lookups per micro-batch].
+
+    With n > 1 batches are not packed, so a history column holds B * T lookups.
+    """
+    if n == 1:
+        return {table: lookup.inverse[None] for table, lookup in lookups.items()}
     out = {}
     for table, lookup in lookups.items():
         parts, offset = [], 0
@@ -142,8 +148,8 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
             micro, inverses = data
             embedded = embedded_from_rows(rows, {k: RowLookup(lookups[k].ids, inverses[k]) for k in rows}, micro)
             variables = {"params": {**dense_params, **tables}, "batch_stats": batch_stats}
-            return model.apply(variables, embedded, micro["hist_mask"], micro["weight"], True,
-                               method=DIN.from_embedded, mutable=["batch_stats"])
+            return model.apply(variables, embedded, micro["weight"], True, method=DIN.from_embedded,
+                               mutable=["batch_stats"])
     else:
         variables_in = state.params
         micro_data = _split_micro(batch, n)
@@ -214,7 +220,7 @@ def evaluate(eval_fn, state: TrainState, split: dien.EncodedSplit, config: ml_co
     """Every metric over the whole split, each example exactly once."""
     metrics = StreamingMetrics()
     for batch in batches_lib.eval_batches(split, config.eval_batch_size, config.max_seq_length,
-                                          keep=config.history_keep):
+                                          keep=config.history_keep, boundaries=tuple(config.bucket_boundaries)):
         probs = np.asarray(eval_fn(state, batch))
         metrics.update(batch["label"], probs, batch["user"], batch["weight"])
     return metrics.compute()
@@ -222,12 +228,23 @@ def evaluate(eval_fn, state: TrainState, split: dien.EncodedSplit, config: ml_co
 
 def _train_batches(split: dien.EncodedSplit, config: ml_collections.ConfigDict, start_step: int) -> Iterator[Batch]:
     """Endless train batches, epoch after epoch, starting at global step `start_step` (for resuming)."""
-    per_epoch = batches_lib.num_batches(len(split), config.batch_size)
+    boundaries = tuple(config.bucket_boundaries)
+    per_epoch = batches_lib.num_train_batches(split, config.batch_size, config.max_seq_length, boundaries)
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         yield from batches_lib.train_batches(split, config.batch_size, config.max_seq_length, seed=config.seed,
-                                             epoch=epoch, keep=config.history_keep, start_batch=skip)
+                                             epoch=epoch, keep=config.history_keep, start_batch=skip,
+                                             boundaries=boundaries)
         epoch, skip = epoch + 1, 0
+
+
+def _pack_floor(split: dien.EncodedSplit, config: ml_collections.ConfigDict, granularity: int) -> int:
+    """The packed history size that fits every batch of the first epoch (one compiled train shape)."""
+    lengths = np.minimum(split.hist_lengths, config.max_seq_length)
+    plan = batches_lib.train_plan(split, config.batch_size, config.max_seq_length, seed=config.seed, epoch=0,
+                                  boundaries=tuple(config.bucket_boundaries))
+    return epoch_pack_size([lengths[indices] for indices, _ in plan], granularity,
+                           config.batch_size * config.max_seq_length)
 
 
 class _Profiler:
@@ -253,16 +270,34 @@ class _Profiler:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """The model and its jitted steps for one config: what the loop, benchmarks and notebooks drive."""
+    """The model and its steps for one config: what the loop, benchmarks and notebooks drive.
+
+    train_step(state, batch) -> (state, {'loss'}) donates `state`; eval_step(state, batch) -> probabilities.
+    Both take the numpy batches of input_pipeline.batches and pack their histories when configured.
+    """
 
     model: DIN
     optimizer: Optimizer
-    train_step: Any   # (TrainState, Batch) -> (TrainState, {'loss'}); donates the state
-    eval_step: Any    # (TrainState, Batch) -> probabilities [B]
+    jit_train_step: Any
+    jit_eval_step: Any
+    pack_granularity: int  # 0: no packing
+    pack_floor: int = 0    # smallest packed size: set by the loop so an epoch has one shape
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
         """A fresh train state from `config.seed`."""
         return create_train_state(config, self.model, self.optimizer)
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The batch as the jitted steps take it (history packed when configured); cheap numpy work."""
+        return pack_history(batch, self.pack_granularity, self.pack_floor) if self.pack_granularity else batch
+
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step (see the module-level train_step)."""
+        return self.jit_train_step(state, self.prepare(batch))
+
+    def eval_step(self, state: TrainState, batch: Batch) -> jax.Array:
+        """Click probabilities [B]."""
+        return self.jit_eval_step(state, self.prepare(batch))
 
 
 def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> Trainer:
@@ -271,7 +306,10 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     optimizer = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm,
                                  decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate)
     step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch)
-    return Trainer(model, optimizer, jax.jit(step, donate_argnums=(0,)), jax.jit(functools.partial(eval_step, model)))
+    # Packing and micro-batches do not mix (micro-batches split examples, packing splits positions).
+    granularity = config.pack_granularity if config.micro_batch <= 1 else 0
+    return Trainer(model, optimizer, jax.jit(step, donate_argnums=(0,)), jax.jit(functools.partial(eval_step, model)),
+                   granularity)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -289,9 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = restored
         logging.info("Resumed from checkpoint at step %d", int(state.step))
 
-    steps_per_epoch = batches_lib.num_batches(len(data.train), config.batch_size)
+    steps_per_epoch = batches_lib.num_train_batches(data.train, config.batch_size, config.max_seq_length,
+                                                    tuple(config.bucket_boundaries))
     total_steps = config.steps or steps_per_epoch
     first_step = int(state.step)
+    if trainer.pack_granularity:
+        trainer = dataclasses.replace(trainer, pack_floor=_pack_floor(data.train, config, trainer.pack_granularity))
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     profiler = _Profiler(config.timeline, os.path.join(workdir, "profile"), first_step)
     logging.info("Data %s: %d train / %d test examples, vocabularies %s; %d steps of batch %d (%d per epoch)",

@@ -1,14 +1,14 @@
 """Fixed-shape numpy batches from an EncodedSplit: shuffle, truncate, pad, shard per process.
 
-Every batch has the same shapes: histories are cut or padded to T = max_seq_length, and a
-short last batch is filled with weight-0 rows, so a jitted step compiles once and no example
-is dropped. With shard_count processes, each takes its contiguous share of every global batch,
+Every batch has fixed shapes: histories are cut or padded to T = max_seq_length (or, with length
+bucketing, to their bucket's width: a few shapes, each compiled once), and a short last batch is
+filled with weight-0 rows, so no example is dropped. With shard_count processes, each takes its contiguous share of every global batch,
 so N processes together see exactly the batches one process would.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -84,29 +84,85 @@ def _check_sharding(batch_size: int, shard_index: int, shard_count: int) -> None
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
 
 
-def _batches(split: EncodedSplit, order: np.ndarray, batch_size: int, max_seq_length: int, keep: str,
-             shard_index: int, shard_count: int, start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Consecutive global batches of `order` from batch `start_batch`, each cut to this process's share."""
+def bucket_widths(split: EncodedSplit, max_seq_length: int, boundaries: Sequence[int] = ()) -> np.ndarray:
+    """Per example, the padded history length T of its bucket: the first boundary >= its (truncated) length.
+
+    No boundaries: every example gets T = max_seq_length. The last bucket is always max_seq_length.
+    """
+    widths = np.array(sorted({b for b in boundaries if 0 < b < max_seq_length} | {max_seq_length}), np.int64)
+    lengths = np.minimum(split.hist_lengths, max_seq_length)
+    return widths[np.searchsorted(widths, lengths)]
+
+
+Plan = list[tuple[np.ndarray, int]]  # (example indices of a global batch, its history width T)
+
+
+def _chunks(order: np.ndarray, batch_size: int, width: int) -> Plan:
+    return [(order[start:start + batch_size], width) for start in range(0, len(order), batch_size)]
+
+
+def train_plan(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,
+               boundaries: Sequence[int] = ()) -> Plan:
+    """An epoch's global batches, fixed by (seed, epoch); every example exactly once.
+
+    With bucket boundaries, examples are grouped by history length, shuffled within their bucket,
+    cut into batches (each padded only to its bucket's width), and the batches shuffled; the math
+    per example is unchanged (padding is masked), the work per batch shrinks.
+    """
+    rng = np.random.default_rng((seed, epoch))
+    if not boundaries:
+        return _chunks(rng.permutation(len(split)), batch_size, max_seq_length)
+    widths = bucket_widths(split, max_seq_length, boundaries)
+    plan = []
+    for width in np.unique(widths):
+        members = np.flatnonzero(widths == width)
+        plan += _chunks(members[rng.permutation(len(members))], batch_size, int(width))
+    return [plan[i] for i in rng.permutation(len(plan))]
+
+
+def eval_plan(split: EncodedSplit, batch_size: int, max_seq_length: int, boundaries: Sequence[int] = ()) -> Plan:
+    """All examples once: in file order, or with boundaries grouped by bucket (file order within each)."""
+    if not boundaries:
+        return _chunks(np.arange(len(split)), batch_size, max_seq_length)
+    widths = bucket_widths(split, max_seq_length, boundaries)
+    return [chunk for width in np.unique(widths)
+            for chunk in _chunks(np.flatnonzero(widths == width), batch_size, int(width))]
+
+
+def num_train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int,
+                      boundaries: Sequence[int] = ()) -> int:
+    """Global batches per epoch: ceil(N / batch_size), summed over buckets when bucketing."""
+    if not boundaries:
+        return num_batches(len(split), batch_size)
+    _, counts = np.unique(bucket_widths(split, max_seq_length, boundaries), return_counts=True)
+    return int(sum(num_batches(int(c), batch_size) for c in counts))
+
+
+def _batches(split: EncodedSplit, plan: Plan, batch_size: int, keep: str, shard_index: int,
+             shard_count: int) -> Iterator[dict[str, np.ndarray]]:
+    """The plan's global batches, each cut to this process's contiguous share of batch_size rows."""
     _check_sharding(batch_size, shard_index, shard_count)
     per_shard = batch_size // shard_count
     first = shard_index * per_shard
-    return (make_batch(split, order[start + first:start + first + per_shard], max_seq_length, keep,
-                       batch_size=per_shard)
-            for start in range(start_batch * batch_size, len(order), batch_size))
+    return (make_batch(split, indices[first:first + per_shard], width, keep, batch_size=per_shard)
+            for indices, width in plan)
 
 
 def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,
-                  keep: str = "first", shard_index: int = 0, shard_count: int = 1,
-                  start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  keep: str = "first", shard_index: int = 0, shard_count: int = 1, start_batch: int = 0,
+                  boundaries: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
     """One epoch in an order fixed by (seed, epoch); the last partial batch is padded, none dropped.
 
-    `start_batch` skips the epoch's first batches without building them (resuming mid-epoch).
+    `start_batch` skips the epoch's first batches without building them (resuming mid-epoch);
+    `boundaries` enables length bucketing (see train_plan).
     """
-    order = np.random.default_rng((seed, epoch)).permutation(len(split))
-    return _batches(split, order, batch_size, max_seq_length, keep, shard_index, shard_count, start_batch)
+    plan = train_plan(split, batch_size, max_seq_length, seed=seed, epoch=epoch, boundaries=boundaries)
+    return _batches(split, plan[start_batch:], batch_size, keep, shard_index, shard_count)
 
 
 def eval_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, keep: str = "first",
-                 shard_index: int = 0, shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """All examples once, in file order; the last partial batch is padded with weight-0 rows."""
-    return _batches(split, np.arange(len(split)), batch_size, max_seq_length, keep, shard_index, shard_count)
+                 shard_index: int = 0, shard_count: int = 1,
+                 boundaries: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
+    """All examples once (file order, or bucket by bucket); the last partial batch of each is padded."""
+    return _batches(split, eval_plan(split, batch_size, max_seq_length, boundaries), batch_size, keep,
+                    shard_index, shard_count)

@@ -11,6 +11,7 @@ import pytest
 from configs import default
 from din_jax import train
 from din_jax.config_check import ConfigError
+from input_pipeline import batches as batches_lib
 from input_pipeline.errors import DataError
 
 
@@ -69,7 +70,8 @@ def test_one_epoch_by_default_covers_the_train_split(tmp_path, data_dir):
     config = small_config(data_dir, steps=0, no_eval=True)
     results = train.train_and_evaluate(config, str(tmp_path / "epoch"))
     data = train.load_data(config, str(tmp_path))
-    assert results["train"]["steps"] == -(-len(data.train) // config.batch_size)
+    widths = batches_lib.bucket_widths(data.train, config.max_seq_length, config.bucket_boundaries)
+    assert results["train"]["steps"] == sum(-(-int((widths == w).sum()) // config.batch_size) for w in set(widths))
     assert results["eval"] == {} and not os.path.exists(tmp_path / "epoch" / "eval_metrics.json")
 
 
