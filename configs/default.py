@@ -56,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.clip_norm = 5.0          # per-tensor tf.clip_by_norm, as DeepRec's DIN
     config.sparse_embeddings = True # update only the embedding rows a step touches (False: whole tables)
     config.micro_batch = 0          # seed --micro_batch: accumulate gradients over N slices of a batch (0/1 off)
+    config.smartstaged = True       # seed --smartstaged: prepare and transfer next batches in a background thread
+    config.prefetch_depth = 2       # batches kept ready by that thread
     config.precision = "fp32"       # seed --bf16: fp32 | mixed_bf16 (bf16 compute, fp32 weights) | bf16
     config.checkpoint_dir = ""      # seed --checkpoint; '' -> WORKDIR/checkpoints
     config.save_steps = 0           # periodic checkpoints every N steps, 0 = only the final one

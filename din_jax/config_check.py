@@ -21,7 +21,7 @@ _CHOICES = {
     "model.activation": ("relu", "dice"),
     "model.attention": ATTENTION_MODES,
 }
-_POSITIVE = ("adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
+_POSITIVE = ("prefetch_depth", "adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
              "keep_checkpoint_max", "model.embedding_dim")
 _NON_NEGATIVE = ("pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
 

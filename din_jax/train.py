@@ -27,6 +27,7 @@ from din_jax.embedding import TABLES, RowLookup, embedded_from_rows, gather_rows
 from din_jax.model import DIN
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from din_jax.packing import epoch_pack_size, pack_history
+from din_jax.prefetch import Prefetcher
 from input_pipeline import batches as batches_lib
 from input_pipeline import datasets, dien
 from input_pipeline.synthetic import SyntheticSpec
@@ -291,9 +292,10 @@ class Trainer:
         """The batch as the jitted steps take it (history packed when configured); cheap numpy work."""
         return pack_history(batch, self.pack_granularity, self.pack_floor) if self.pack_granularity else batch
 
-    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimizer step (see the module-level train_step)."""
-        return self.jit_train_step(state, self.prepare(batch))
+    def train_step(self, state: TrainState, batch: Batch, prepared: bool = False
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer step (see the module-level train_step); `prepared` batches skip `prepare`."""
+        return self.jit_train_step(state, batch if prepared else self.prepare(batch))
 
     def eval_step(self, state: TrainState, batch: Batch) -> jax.Array:
         """Click probabilities [B]."""
@@ -341,14 +343,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, float("nan")
     eval_metrics: dict[str, Any] = {}
-    batches = _train_batches(data.train, config, first_step)
+    batches: Iterator[tuple[Batch, Batch]]
+    if config.smartstaged:
+        batches = Prefetcher(_train_batches(data.train, config, first_step), trainer.prepare, config.prefetch_depth)
+    else:
+        batches = ((b, trainer.prepare(b)) for b in _train_batches(data.train, config, first_step))
     progress = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not config.progress_bar)
     timer = time.perf_counter()
     for step in range(first_step, total_steps):
-        batch = next(batches)
+        batch, device_batch = next(batches)
         profiler.before(step)
-        state, step_metrics = trainer.train_step(state, batch)
+        state, step_metrics = trainer.train_step(state, device_batch, prepared=True)
         profiler.after(step, state.step)
         if step == first_step:  # the first step compiles: time it apart from throughput
             jax.block_until_ready(state.step)
@@ -371,6 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     jax.block_until_ready(state)
     timed_seconds = time.perf_counter() - timer if total_steps > first_step else 0.0
     progress.close()
+    if isinstance(batches, Prefetcher):
+        batches.close()
     checkpointer.save(int(state.step), state, force=True)
     checkpointer.close()
 

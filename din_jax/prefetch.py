@@ -1,0 +1,59 @@
+"""Background preparation of the next batches while the current step runs (the seed's --smartstaged).
+
+A daemon thread pulls numpy batches from the input iterator, applies the trainer's host-side
+preparation (history packing) and copies them to the device, keeping `depth` batches ready.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import jax
+
+_DONE = object()
+
+
+class Prefetcher:
+    """Iterates over prepared, device-resident batches produced by a background thread."""
+
+    def __init__(self, batches: Iterator[dict], prepare: Callable[[dict], dict], depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(batches, prepare), daemon=True,
+                                        name="din_jax-prefetch")
+        self._thread.start()
+
+    def _fill(self, batches: Iterator[dict], prepare: Callable[[dict], dict]) -> None:
+        try:
+            for batch in batches:
+                item = (batch, jax.device_put(prepare(batch)))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(_DONE)
+        except BaseException as error:  # re-raised in the consumer's thread
+            self._queue.put(error)
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> tuple[dict, Any]:
+        """(the numpy batch, its prepared device copy)."""
+        item = self._queue.get()
+        if item is _DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (it may be blocked on a full queue)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
