@@ -1,0 +1,62 @@
+"""Trains the same prepared data once per value of one config field and prints AUC and samples/s side by side.
+
+  python benchmarks/sweep.py --field model.attention --values softmax,unnormalized,mean,none
+  python benchmarks/sweep.py --field precision --values fp32,mixed_bf16,bf16
+  python benchmarks/sweep.py --field pack_granularity --values 0,1024 --config.optimizer=adagrad
+
+Every run uses configs/default.py (or --config) with its overrides; the built-in data is prepared
+once under --workdir/data and shared.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from din_jax import train
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file; override fields as --config.field=value.")
+flags.DEFINE_string("workdir", "/tmp/din_sweep", "Where data and runs go.")
+flags.DEFINE_string("field", "model.attention", "The dotted config field to sweep.")
+flags.DEFINE_list("values", ["softmax", "mean"], "Values of --field, one run each.")
+
+
+def _parse(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _set(config, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    config[leaf] = value
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    config = flags.FLAGS.config
+    config.progress_bar = False
+    if config.dataset == "synthetic" and not config.data_dir:
+        config.data_dir = os.path.join(flags.FLAGS.workdir, "data")
+    rows = []
+    for text in flags.FLAGS.values:
+        _set(config, flags.FLAGS.field, _parse(text))
+        results = train.train_and_evaluate(config, os.path.join(flags.FLAGS.workdir, f"{flags.FLAGS.field}={text}"))
+        rows.append((text, results["eval"], results["train"]))
+    print(f"| {flags.FLAGS.field} | test AUC | GAUC | logloss | train samples/s | compile s |")
+    print("|---|---|---|---|---|---|")
+    for text, evaluation, summary in rows:
+        print(f"| {text} | {evaluation['auc']:.4f} | {evaluation['gauc']:.4f} | {evaluation['logloss']:.4f} "
+              f"| {summary['samples_per_sec']:,.0f} | {summary['compile_seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
