@@ -10,15 +10,15 @@ torch.optim.Adam divides by sqrt(v_hat) + eps (epsilon inside the bias correctio
 din_jax divide by sqrt(v) + eps with the correction folded into the step size, so `TF1Adam` below
 implements that rule for dense and sparse gradients.
 
-Embedding gradients (`embedding_grads`):
-  'sparse' (default): nn.Embedding(sparse=True); the gradient is the touched rows only, coalesced
-      (duplicates summed) before clipping, and TF1Adam applies TF1's own sparse Adam (`_apply_sparse`):
-      every row's moments decay and every row moves, new gradient rows are scatter-added. Same numbers
-      as 'dense', without building and clipping a table-sized gradient.
-  'dense': nn.Embedding(); table-sized gradients.
-  'lazy': nn.Embedding(sparse=True) + torch.optim.SparseAdam for the tables: only touched rows'
-      moments and values change (DeepRec's adamasync / TF's LazyAdam). Faster, but a different
-      optimizer from DeepRec's Adam, so not the parity port.
+Embedding gradients and table updates (`embedding_grads`):
+  'lazy' (default): nn.Embedding(sparse=True) + torch.optim.SparseAdam for the tables, TF1Adam for
+      the rest. Only the rows a step touches change, moments included (TF's LazyAdam, DeepRec's
+      adamasync): the rule of din_jax's default row-sparse update (`optim.adam_rows`); SparseAdam puts
+      epsilon where TF1 does and counts steps per table, which is the global step in DIN.
+  'sparse': nn.Embedding(sparse=True) + TF1Adam on the coalesced rows with TF1's sparse rule
+      (`_apply_sparse`): every row's moments decay and every row moves - DeepRec's Adam, the rule of
+      din_jax with `sparse_embeddings=False` - without a table-sized gradient.
+  'dense': nn.Embedding() and TF1Adam: the same numbers as 'sparse' through table-sized gradients.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 ATTENTION_PADDING = -(2.0**32) + 1
 BN_EPSILON = 1e-3
-EMBEDDING_GRADS = ("sparse", "dense", "lazy")
+EMBEDDING_GRADS = ("lazy", "sparse", "dense")
 TABLES = ("uid_table", "mid_table", "cat_table")
 ID_KEYS = ("uid", "mid", "cat", "hist_mids", "hist_cats", "hist_mask")
 
@@ -162,7 +162,7 @@ def clip_by_norm_per_tensor_(params: Iterable[torch.Tensor], max_norm: float) ->
 class Trainer:
     """A TorchDIN with its optimizer(s): `train_step` on numpy batches, `predict` probabilities."""
 
-    def __init__(self, vocab_sizes: Mapping[str, int], embedding_grads: str = "sparse", learning_rate: float = 1e-3,
+    def __init__(self, vocab_sizes: Mapping[str, int], embedding_grads: str = "lazy", learning_rate: float = 1e-3,
                  clip_norm: float = 5.0, seed: int = 0):
         """Builds the model from `seed` and the optimizer for `embedding_grads` (see the module docstring)."""
         if embedding_grads not in EMBEDDING_GRADS:
