@@ -33,8 +33,8 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
     return value
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for the first impossible value or combination."""
+def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
+    """Raises ConfigError for the first impossible value or combination (num_shards: devices on the `data` axis)."""
     for key, allowed in _CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"config.{key}={_get(config, key)!r} is not one of {', '.join(map(repr, allowed))}")
@@ -44,9 +44,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in _NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"config.{key}={_get(config, key)!r} must be 0 or positive")
-    if config.micro_batch > 1 and config.batch_size % config.micro_batch:
-        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
-                          f"config.micro_batch={config.micro_batch}; choose a micro_batch that divides it")
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % num_shards:
+            raise ConfigError(f"config.{key}={config[key]} is not divisible by the {num_shards} devices of this "
+                              f"run (one batch shard each); choose a multiple of {num_shards}")
+    if config.micro_batch > 1 and config.batch_size // num_shards % config.micro_batch:
+        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by config.micro_batch="
+                          f"{config.micro_batch} x {num_shards} device(s) (each device splits its shard into "
+                          "micro-batches); choose a micro_batch that divides it")
+    if config.model.batch_norm == "batch" and num_shards > 1:
+        raise ConfigError(f"config.model.batch_norm='batch' would normalise each of the {num_shards} devices' "
+                          "shards with their own statistics; use 'frozen' (DeepRec parity) or 'none' in "
+                          "multi-device runs")
     if config.optimizer == "adamasync" and not config.sparse_embeddings:
         raise ConfigError("config.optimizer='adamasync' updates embedding rows lazily and needs "
                           "config.sparse_embeddings=True")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -17,6 +18,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py); override fields as --config.field=value.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results (the seed's --output_dir).")
+flags.DEFINE_string("coordinator_address", "", "Multi-process runs: host:port of process 0's coordinator "
+                    "(default: $DIN_COORDINATOR_ADDRESS, or the first SLURM node).")
+flags.DEFINE_integer("num_processes", 0, "Multi-process runs: how many processes (default: $DIN_NUM_PROCESSES or "
+                     "$SLURM_NTASKS; 0 or 1 = a single process).")
+flags.DEFINE_integer("process_id", -1, "Multi-process runs: this process's index (default: $DIN_PROCESS_ID, "
+                     "$JOB_COMPLETION_INDEX of a Kubernetes Indexed Job, or $SLURM_PROCID).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 30, "Multi-process runs: a process silent this long is declared "
+                     "dead and the others stop.")
+flags.DEFINE_integer("initialization_timeout_seconds", 300, "Multi-process runs: how long to wait for every "
+                     "process to join.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,7 +69,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    from din_jax import train  # imported here so that --help and flag errors stay fast
+    from din_jax import parallel, train  # imported here so that --help and flag errors stay fast
 
     try:
         config = FLAGS.config
@@ -66,11 +77,31 @@ def main(argv: list[str]) -> None:
     except (OSError, SyntaxError, ImportError, AttributeError) as e:
         _exit(f"cannot load the config file given by --config ({_one_line(e)}); pass a file such as configs/default.py")
     try:
+        cluster = parallel.resolve_cluster(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except parallel.ParallelError as e:
+        _exit(str(e))
+    parallel.initialize(cluster, FLAGS.heartbeat_timeout_seconds, FLAGS.initialization_timeout_seconds)
+    try:
         results = train.train_and_evaluate(config, FLAGS.workdir)
     except (DataError, ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        _stop(f"error: {e}", cluster is not None)
+    except Exception as e:
+        if cluster is None:
+            raise
+        _stop(f"error: process {cluster.process_id} of {cluster.num_processes} stopped ({_one_line(e)}); if another "
+              "process failed first its log has the cause - rerun the same command to resume from the last "
+              "checkpoint", True)
+    if cluster is None or cluster.process_id == 0:
+        print(report.results_table(results, FLAGS.workdir))
+
+
+def _stop(message: str, multi_process: bool) -> None:
+    """Exits 1 with `message`; a multi-process run exits at once, without waiting for the lost processes."""
+    print(message, file=sys.stderr, flush=True)
+    if not multi_process:
         sys.exit(1)
-    print(report.results_table(results, FLAGS.workdir))
+    sys.stdout.flush()
+    os._exit(1)  # sys.exit would wait in jax.distributed's shutdown barrier for processes that are gone
 
 
 if __name__ == "__main__":

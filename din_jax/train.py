@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import flax
 import jax
@@ -17,16 +17,19 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import config_check
+from din_jax import config_check, parallel
 from din_jax.metrics import StreamingMetrics
-from din_jax.embedding import TABLES, RowLookup, embedded_from_rows, gather_rows, row_lookups, scatter_rows, split_tables
+from din_jax.embedding import (TABLES, RowLookup, embedded_from_rows, gather_rows, scatter_rows, split_tables,
+                               touched_ids)
 from din_jax.model import DIN
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
-from din_jax.packing import epoch_pack_size, pack_history
+from din_jax.packing import pack_history, packed_size
 from din_jax.prefetch import Prefetcher
 from input_pipeline import batches as batches_lib
 from input_pipeline import datasets, dien
@@ -128,19 +131,42 @@ def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int) -> dict
     return out
 
 
-def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, state: TrainState, batch: Batch
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on `batch`, gradients accumulated over `micro_batch` slices; returns state and loss.
+def global_row_lookups(batch: Batch, table_sizes: dict[str, int], axis_name: str) -> dict[str, RowLookup]:
+    """Per table, the rows the whole global batch touches and this shard's inverse index into them.
 
+    Inside shard_map over `axis_name`, `batch` is one shard: its touched ids are gathered from every
+    shard, so the unique ids (sorted, padded with the table size) are the same on every device and
+    equal the single-process ones; each shard keeps the inverse index of its own lookups.
+    """
+    lookups = {}
+    for table, columns in TABLES.items():
+        ids = jnp.concatenate([touched_ids(batch, c, table_sizes[table]) for c in columns])    # [L]
+        every = jax.lax.all_gather(ids, axis_name, tiled=True)                                  # [n * L]
+        unique, inverse = jnp.unique(every, size=every.shape[0], fill_value=table_sizes[table], return_inverse=True)
+        mine = jax.lax.dynamic_slice_in_dim(inverse.reshape(-1), jax.lax.axis_index(axis_name) * ids.shape[0],
+                                            ids.shape[0])
+        lookups[table] = RowLookup(unique, mine)
+    return lookups
+
+
+def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, axis_name: str, state: TrainState,
+               batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on the global batch, gradients accumulated over `micro_batch` slices; returns state and loss.
+
+    Runs inside shard_map over the mesh's `axis_name`: `batch` is this device's shard, and the state
+    is replicated. Each device differentiates its shard's share of the global mean loss; the
+    gradients are summed over the axis (the data-parallel all-reduce), so every device applies the
+    same update, equal to one device's update on the whole batch.
     sparse: gradients w.r.t. the gathered embedding rows, and only those rows (and their optimizer
     slots) updated; else gradients w.r.t. whole tables (the O(vocabulary) reference path).
     """
     n = max(micro_batch, 1)
-    total_weight = jnp.maximum(jnp.sum(batch["weight"]), 1.0)  # the loss is the mean over the whole batch
+    # The loss is the mean over the whole global batch.
+    total_weight = jnp.maximum(jax.lax.psum(jnp.sum(batch["weight"]), axis_name), 1.0)
     tables, dense = split_tables(state.params)
 
     if sparse:
-        lookups = row_lookups(batch, {k: v.shape[0] for k, v in tables.items()})
+        lookups = global_row_lookups(batch, {k: v.shape[0] for k, v in tables.items()}, axis_name)
         variables_in = (dense, {k: gather_rows(tables[k], lookups[k].ids) for k in tables})
         micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n))
 
@@ -174,6 +200,7 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), variables_in)
     (grads, loss, batch_stats), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros([], jnp.float32), state.batch_stats),
                                                  micro_data)
+    grads, loss = jax.lax.psum((grads, loss), axis_name)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, variables_in)
 
     if sparse:
@@ -217,35 +244,64 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     return Data(data_dir, vocabs, dien.load_split(data_dir, "train", vocabs), dien.load_split(data_dir, "test", vocabs))
 
 
-def evaluate(eval_fn, state: TrainState, split: dien.EncodedSplit, config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Every metric over the whole split, each example exactly once."""
+class _Item(NamedTuple):
+    """One global batch as this process sees it."""
+
+    batch: Batch    # this process's contiguous share of the global batch (numpy)
+    pack_size: int  # the packed history size of every batch shard (0: not packed)
+    examples: int   # real examples in the whole global batch
+
+
+def _items(split: dien.EncodedSplit, plan: batches_lib.Plan, local: Iterator[Batch], trainer: Trainer,
+           batch_size: int) -> Iterator[_Item]:
+    """This process's batches of `plan`, each with what every process must agree on for it."""
+    for batch, (indices, width) in zip(local, plan):
+        yield _Item(batch, trainer.pack_size(split.hist_lengths[indices], batch_size, width), len(indices))
+
+
+def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
+             config: ml_collections.ConfigDict) -> dict[str, float]:
+    """Every metric over the whole split, each example exactly once; every process gets the same numbers.
+
+    Each process evaluates its share of every eval batch; probabilities, labels, users and weights
+    of the whole batch are then gathered to every process in the single-process row order.
+    """
+    boundaries = tuple(config.bucket_boundaries)
+    plan = batches_lib.eval_plan(split, config.eval_batch_size, config.max_seq_length, boundaries)
+    local = batches_lib.eval_batches(split, config.eval_batch_size, config.max_seq_length, keep=config.history_keep,
+                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                     boundaries=boundaries)
     metrics = StreamingMetrics()
-    for batch in batches_lib.eval_batches(split, config.eval_batch_size, config.max_seq_length,
-                                          keep=config.history_keep, boundaries=tuple(config.bucket_boundaries)):
-        probs = np.asarray(eval_fn(state, batch))
-        metrics.update(batch["label"], probs, batch["user"], batch["weight"])
+    for item in _items(split, plan, local, trainer, config.eval_batch_size):
+        device_batch = trainer.device_batch(trainer.prepare(item.batch, item.pack_size))
+        columns = parallel.gather({"prob": trainer.jit_eval_step(state, device_batch),
+                                   **{k: device_batch[k] for k in ("label", "user", "weight")}})
+        metrics.update(columns["label"], columns["prob"], columns["user"], columns["weight"])
     return metrics.compute()
 
 
-def _train_batches(split: dien.EncodedSplit, config: ml_collections.ConfigDict, start_step: int) -> Iterator[Batch]:
-    """Endless train batches, epoch after epoch, starting at global step `start_step` (for resuming)."""
+def _train_items(split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer,
+                 start_step: int) -> Iterator[_Item]:
+    """Endless train batches (this process's share of each), epoch after epoch, from global step `start_step`."""
     boundaries = tuple(config.bucket_boundaries)
     per_epoch = batches_lib.num_train_batches(split, config.batch_size, config.max_seq_length, boundaries)
     epoch, skip = divmod(start_step, per_epoch)
     while True:
-        yield from batches_lib.train_batches(split, config.batch_size, config.max_seq_length, seed=config.seed,
-                                             epoch=epoch, keep=config.history_keep, start_batch=skip,
-                                             boundaries=boundaries)
+        plan = batches_lib.train_plan(split, config.batch_size, config.max_seq_length, seed=config.seed, epoch=epoch,
+                                      boundaries=boundaries)
+        local = batches_lib.train_batches(split, config.batch_size, config.max_seq_length, seed=config.seed,
+                                          epoch=epoch, keep=config.history_keep, shard_index=jax.process_index(),
+                                          shard_count=jax.process_count(), start_batch=skip, boundaries=boundaries)
+        yield from _items(split, plan[skip:], local, trainer, config.batch_size)
         epoch, skip = epoch + 1, 0
 
 
-def _pack_floor(split: dien.EncodedSplit, config: ml_collections.ConfigDict, granularity: int) -> int:
-    """The packed history size that fits every batch of the first epoch (one compiled train shape)."""
-    lengths = np.minimum(split.hist_lengths, config.max_seq_length)
+def _pack_floor(split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer) -> int:
+    """The packed history size that fits every batch shard of the first epoch (one compiled train shape)."""
     plan = batches_lib.train_plan(split, config.batch_size, config.max_seq_length, seed=config.seed, epoch=0,
                                   boundaries=tuple(config.bucket_boundaries))
-    return epoch_pack_size([lengths[indices] for indices, _ in plan], granularity,
-                           config.batch_size * config.max_seq_length)
+    return max((trainer.pack_size(split.hist_lengths[indices], config.batch_size, width) for indices, width in plan),
+               default=0)
 
 
 class _Profiler:
@@ -269,12 +325,16 @@ class _Profiler:
             logging.info("Wrote a %d-step profile to %s", self.num_steps, self.directory)
 
 
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """The model and its steps for one config: what the loop, benchmarks and notebooks drive.
 
     train_step(state, batch) -> (state, {'loss'}) donates `state`; eval_step(state, batch) -> probabilities.
-    Both take the numpy batches of input_pipeline.batches and pack their histories when configured.
+    Both take the numpy batches of input_pipeline.batches (this process's share of a global batch; all
+    of it in a single-process run) and pack their histories when configured. The jitted steps run on
+    the global batch, split over the mesh's `data` axis, with the state replicated on every device.
     """
 
     model: DIN
@@ -282,45 +342,88 @@ class Trainer:
     jit_train_step: Any
     jit_eval_step: Any
     pack_granularity: int  # 0: no packing
+    mesh: Mesh
     pack_floor: int = 0    # smallest packed size: set by the loop so an epoch has one shape
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
-        """A fresh train state from `config.seed`."""
-        return create_train_state(config, self.model, self.optimizer)
+        """A fresh train state from `config.seed`, replicated on every device of the mesh."""
+        state = create_train_state(config, self.model, self.optimizer)
+        return jax.device_put(state, parallel.replicated(self.mesh))
 
-    def prepare(self, batch: Batch) -> Batch:
-        """The batch as the jitted steps take it (history packed when configured); cheap numpy work."""
-        return pack_history(batch, self.pack_granularity, self.pack_floor) if self.pack_granularity else batch
+    def pack_size(self, lengths: np.ndarray, batch_size: int, width: int) -> int:
+        """The packed history size of every shard of a global batch: its fullest shard's, at least pack_floor.
+
+        lengths: the history lengths of the global batch's examples (fewer than batch_size in a padded
+        last batch); width: its history width T. Every process computes the same size from the plan.
+        """
+        if not self.pack_granularity:
+            return 0
+        rows = np.zeros(batch_size, np.int64)
+        rows[:len(lengths)] = np.minimum(lengths, width)
+        fullest = int(rows.reshape(self.mesh.size, -1).sum(axis=1).max())
+        return max(packed_size(fullest, self.pack_granularity, batch_size // self.mesh.size * width), self.pack_floor)
+
+    def prepare(self, batch: Batch, pack_size: int = 0) -> Batch:
+        """The batch as the jitted steps take it, still numpy; cheap host work.
+
+        With packing, each of this process's batch shards gets its own 'hist_index' (indices into the
+        shard's own positions, as the device sees them), all padded to one size: at least `pack_size`,
+        which every process must pass alike (Trainer.pack_size), and at least pack_floor.
+        """
+        if not self.pack_granularity:
+            return batch
+        masks = np.split(batch["hist_mask"], parallel.local_shards(self.mesh))
+        size = max([pack_size, self.pack_floor] + [packed_size(int(m.sum()), self.pack_granularity, m.size)
+                                                  for m in masks])
+        index = [pack_history({"hist_mask": m}, self.pack_granularity, size)["hist_index"] for m in masks]
+        return {**batch, "hist_index": np.concatenate(index)}
+
+    def device_batch(self, batch: Batch) -> Batch:
+        """A prepared batch (numpy, or already on this process's device) as global arrays split over `data`."""
+        return parallel.global_batch(batch, self.mesh)
 
     def train_step(self, state: TrainState, batch: Batch, prepared: bool = False
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step (see the module-level train_step); `prepared` batches skip `prepare`."""
-        return self.jit_train_step(state, batch if prepared else self.prepare(batch))
+        return self.jit_train_step(state, self.device_batch(batch if prepared else self.prepare(batch)))
 
     def eval_step(self, state: TrainState, batch: Batch) -> jax.Array:
-        """Click probabilities [B]."""
-        return self.jit_eval_step(state, self.prepare(batch))
+        """Click probabilities [B] of the global batch, on every process."""
+        return self.jit_eval_step(state, self.device_batch(self.prepare(batch)))
 
 
-def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> Trainer:
-    """Builds the model, the optimizer and the jitted train and eval steps for `config`."""
+def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int], mesh: Mesh | None = None
+                   ) -> Trainer:
+    """Builds the model, the optimizer and the jitted train and eval steps for `config` on `mesh` (all devices)."""
+    mesh = parallel.data_mesh() if mesh is None else mesh
     model = build_model(config, vocab_sizes)
     optimizer = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm,
                                  decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate)
-    step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch)
+    axis = parallel.DATA_AXIS
+    step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis)
+    predict = lambda state, batch: jax.lax.all_gather(eval_step(model, state, batch), axis, tiled=True)  # noqa: E731
+    # State in and out replicated (P()), batches split over `data`; every collective is explicit in the steps.
+    shard = functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(axis)), check_vma=False)
+    jit_train_step = jax.jit(shard(step, out_specs=(P(), P())), donate_argnums=(0,))
+    jit_eval_step = jax.jit(shard(predict, out_specs=P()))
     # Packing and micro-batches do not mix (micro-batches split examples, packing splits positions).
     granularity = config.pack_granularity if config.micro_batch <= 1 else 0
-    return Trainer(model, optimizer, jax.jit(step, donate_argnums=(0,)), jax.jit(functools.partial(eval_step, model)),
-                   granularity)
+    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains for `config.steps` steps (0 = one epoch), evaluates, writes metrics and checkpoints."""
-    config_check.validate(config)
+    """Trains for `config.steps` steps (0 = one epoch), evaluates, writes metrics and checkpoints.
+
+    In a multi-process run (din_jax.parallel) every process calls this with the same arguments:
+    each reads its share of every batch, and process 0 alone writes metrics and TensorBoard logs.
+    """
+    mesh = parallel.data_mesh()
+    config_check.validate(config, num_shards=mesh.size)
+    primary = parallel.is_primary()
     os.makedirs(workdir, exist_ok=True)
     wall_start = time.perf_counter()
-    data = load_data(config, workdir)
-    trainer = create_trainer(config, data.vocabs.sizes)
+    data = parallel.primary_first("load_data", lambda: load_data(config, workdir))
+    trainer = create_trainer(config, data.vocabs.sizes, mesh)
     state = trainer.init_state(config)
     checkpointer = checkpoint_lib.Checkpointer(config.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                                config.save_steps, config.keep_checkpoint_max)
@@ -334,34 +437,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = config.steps or steps_per_epoch
     first_step = int(state.step)
     if trainer.pack_granularity:
-        trainer = dataclasses.replace(trainer, pack_floor=_pack_floor(data.train, config, trainer.pack_granularity))
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    profiler = _Profiler(config.timeline, os.path.join(workdir, "profile"), first_step)
-    logging.info("Data %s: %d train / %d test examples, vocabularies %s; %d steps of batch %d (%d per epoch)",
-                 data.data_dir, len(data.train), len(data.test), data.vocabs.sizes, total_steps, config.batch_size,
-                 steps_per_epoch)
+        trainer = dataclasses.replace(trainer, pack_floor=_pack_floor(data.train, config, trainer))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
+    profiler = _Profiler(config.timeline if primary else 0, os.path.join(workdir, "profile"), first_step)
+    logging.info("Data %s: %d train / %d test examples, vocabularies %s; %d steps of batch %d (%d per epoch) on "
+                 "%d process(es), %d device(s)", data.data_dir, len(data.train), len(data.test), data.vocabs.sizes,
+                 total_steps, config.batch_size, steps_per_epoch, jax.process_count(), mesh.size)
 
     compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, float("nan")
     eval_metrics: dict[str, Any] = {}
-    batches: Iterator[tuple[Batch, Batch]]
+    items = _train_items(data.train, config, trainer, first_step)
+    prepare = lambda item: trainer.prepare(item.batch, item.pack_size)  # noqa: E731
+    batches: Iterator[tuple[_Item, Batch]]
     if config.smartstaged:
-        batches = Prefetcher(_train_batches(data.train, config, first_step), trainer.prepare, config.prefetch_depth)
+        batches = Prefetcher(items, prepare, config.prefetch_depth)
     else:
-        batches = ((b, trainer.prepare(b)) for b in _train_batches(data.train, config, first_step))
+        batches = ((item, prepare(item)) for item in items)
     progress = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not config.progress_bar)
+                    disable=not (config.progress_bar and primary))
     timer = time.perf_counter()
     for step in range(first_step, total_steps):
-        batch, device_batch = next(batches)
+        item, prepared = next(batches)
         profiler.before(step)
-        state, step_metrics = trainer.train_step(state, device_batch, prepared=True)
+        state, step_metrics = trainer.train_step(state, prepared, prepared=True)
         profiler.after(step, state.step)
         if step == first_step:  # the first step compiles: time it apart from throughput
             jax.block_until_ready(state.step)
             compile_seconds = time.perf_counter() - timer
             timer = time.perf_counter()
         else:
-            timed_samples += int(batch["weight"].sum())
+            timed_samples += item.examples
         progress.update(1)
         done = step + 1
         if done % config.log_every_steps == 0 or done == total_steps:
@@ -369,10 +474,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             timed_seconds = time.perf_counter() - timer
             rate = timed_samples / timed_seconds if timed_seconds > 0 else 0.0
             progress.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
-            writer.add_scalar("train/loss", loss, done)
-            writer.add_scalar("train/samples_per_sec", rate, done)
+            if writer:
+                writer.add_scalar("train/loss", loss, done)
+                writer.add_scalar("train/samples_per_sec", rate, done)
         if not config.no_eval and config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-            _write_eval(writer, evaluate(trainer.eval_step, state, data.test, config), done)
+            _write_eval(writer, evaluate(trainer, state, data.test, config), done)
         checkpointer.save(done, state)
     jax.block_until_ready(state)
     timed_seconds = time.perf_counter() - timer if total_steps > first_step else 0.0
@@ -383,22 +489,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer.close()
 
     if not config.no_eval:
-        eval_metrics = evaluate(trainer.eval_step, state, data.test, config)
+        eval_metrics = evaluate(trainer, state, data.test, config)
         eval_metrics["step"] = int(state.step)
         _write_eval(writer, eval_metrics, int(state.step))
-        _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
-    writer.close()
+        if primary:
+            _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
+    if writer:
+        writer.close()
     summary = {"steps": int(state.step), "steps_this_run": total_steps - first_step,
                "samples_per_sec": timed_samples / timed_seconds if timed_seconds > 0 else None,
                "wall_seconds": time.perf_counter() - wall_start, "compile_seconds": compile_seconds,
-               "final_train_loss": loss}
-    _write_json(os.path.join(workdir, "train_summary.json"), summary)
+               "final_train_loss": loss, "processes": jax.process_count(), "devices": mesh.size}
+    if primary:
+        _write_json(os.path.join(workdir, "train_summary.json"), summary)
     return {"eval": eval_metrics, "train": summary}
 
 
-def _write_eval(writer: SummaryWriter, metrics: dict[str, Any], step: int) -> None:
+def _write_eval(writer: SummaryWriter | None, metrics: dict[str, Any], step: int) -> None:
     for name, value in metrics.items():
-        if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+        if writer and name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
             writer.add_scalar(f"eval/{name}", value, step)
     logging.info("eval at step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
 
