@@ -2,8 +2,14 @@
 
 A sample file (`local_train_splitByUser`, `local_test_splitByUser`) holds one example a line,
 tab-separated `label uid mid cat hist_mids hist_cats`, history entries oldest first joined by
-the byte \\x02. Vocabularies `uid_voc`, `mid_voc`, `cat_voc` are `.txt` (one token a line,
-id = 0-based line number) or pickled dicts str -> int (`.pkl` / `.pickle`, DIEN's format).
+the byte \\x02. The same samples may instead be a Parquet file of the same name plus `.parquet`
+(columns label integer 0/1; uid, mid, cat strings; hist_mids, hist_cats lists of strings), as
+`python -m input_pipeline.amazon --format parquet` writes them; when a directory holds both, the
+Parquet file is read (the preparation removes the other format's files, so both are present only
+when put there by hand). Either encodes to the same arrays (Books' train split: 71 MB of Parquet
+encoded in 5 s, 519 MB of text in 11 s, as each distinct Parquet token is looked up once).
+Vocabularies `uid_voc`, `mid_voc`, `cat_voc` are `.txt` (one token a line, id = 0-based line
+number) or pickled dicts str -> int (`.pkl` / `.pickle`, DIEN's format).
 Unknown tokens map to id 0, as DeepRec (default_value=0) and DIEN's data iterator do.
 
 Encoded columns are cached as one `.npy` per column under `<data_dir>/.din_cache/`, keyed by
@@ -24,6 +30,9 @@ import tempfile
 from itertools import repeat
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from input_pipeline.errors import DataError, bad_file, bad_line
 from input_pipeline.textio import read_bytes
@@ -31,6 +40,7 @@ from input_pipeline.textio import read_bytes
 TRAIN_FILE = "local_train_splitByUser"
 TEST_FILE = "local_test_splitByUser"
 SPLIT_FILES = {"train": TRAIN_FILE, "test": TEST_FILE}
+PARQUET_SUFFIX = ".parquet"
 VOCAB_NAMES = ("uid", "mid", "cat")
 VOCAB_SUFFIXES = (".txt", ".pkl", ".pickle")
 CACHE_DIR = ".din_cache"
@@ -171,7 +181,9 @@ def load_vocabularies(data_dir: str | os.PathLike) -> Vocabularies:
 
 
 def encode_file(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSplit:
-    """Parses and encodes one DIEN sample file (no cache)."""
+    """Parses and encodes one DIEN sample file, text or (named *.parquet) Parquet; no cache."""
+    if os.fspath(path).endswith(PARQUET_SUFFIX):
+        return _encode_parquet(path, vocabs)
     lines = _split_lines(read_bytes(path))
     if not lines:
         raise bad_file(path, "no samples", PREPARE_HINT)
@@ -278,6 +290,109 @@ def _lookup(tokens: list[bytes], table: dict[bytes, int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Parquet
+
+
+def _encode_parquet(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSplit:
+    """Encodes a Parquet sample file; its rows are the text file's lines, so errors name rows."""
+    table = _read_parquet(path)
+    if not table.num_rows:
+        raise bad_file(path, "no samples", PREPARE_HINT)
+    uid, mid, cat = (_string_column(path, table, name) for name in ("uid", "mid", "cat"))
+    mid_offsets, hist_mids = _history_column(path, table, "hist_mids")
+    cat_offsets, hist_cats = _history_column(path, table, "hist_cats")
+    bad = np.flatnonzero(np.diff(mid_offsets) != np.diff(cat_offsets))
+    if bad.size:
+        i = int(bad[0])
+        raise bad_line(path, i + 1, f"hist_mids has {mid_offsets[i + 1] - mid_offsets[i]} entries but hist_cats "
+                                    f"has {cat_offsets[i + 1] - cat_offsets[i]}",
+                       "each history item needs its category")
+    return EncodedSplit(
+        label=_parquet_labels(path, table["label"]),
+        uid=_lookup_strings(uid, vocabs.uid),
+        mid=_lookup_strings(mid, vocabs.mid),
+        cat=_lookup_strings(cat, vocabs.cat),
+        hist_offsets=mid_offsets,
+        hist_mids=_lookup_strings(hist_mids, vocabs.mid),
+        hist_cats=_lookup_strings(hist_cats, vocabs.cat),
+        user=pc.dictionary_encode(uid).indices.to_numpy().astype(np.int32),
+    )
+
+
+def _read_parquet(path: str | os.PathLike) -> pa.Table:
+    """The six sample columns of a Parquet file; a missing column or an unreadable file is a DataError."""
+    fields = FIELDS.split()
+    try:
+        names = pq.read_schema(path).names
+        missing = [name for name in fields if name not in names]
+        if missing:
+            raise bad_file(path, f"has no column {missing[0]!r} (a Parquet sample file needs {FIELDS})",
+                           PREPARE_HINT)
+        return pq.read_table(path, columns=fields)
+    except (pa.ArrowException, OSError) as e:
+        raise bad_file(path, f"not a readable Parquet file ({e})", PREPARE_HINT) from None
+
+
+def _first_null(path: str | os.PathLike, column: pa.Array, name: str) -> None:
+    """Raises a DataError at the first null row of `column`."""
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise bad_line(path, row + 1, f"{name} is null", PREPARE_HINT)
+
+
+def _string_column(path: str | os.PathLike, table: pa.Table, name: str) -> pa.Array:
+    """A column of tokens as one Arrow string array; it must be string-like and have no nulls."""
+    try:
+        column = table[name].combine_chunks().cast(pa.large_string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise bad_file(path, f"column {name!r} ({table.schema.field(name).type}) is not strings ({e})",
+                       PREPARE_HINT) from None
+    _first_null(path, column, name)
+    return column
+
+
+def _history_column(path: str | os.PathLike, table: pa.Table, name: str) -> tuple[np.ndarray, pa.Array]:
+    """(int64 offsets [N+1], all entries) of a list<string> column without nulls."""
+    try:
+        column = table[name].combine_chunks().cast(pa.large_list(pa.large_string()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise bad_file(path, f"column {name!r} ({table.schema.field(name).type}) is not lists of strings ({e})",
+                       PREPARE_HINT) from None
+    _first_null(path, column, name)
+    offsets = np.zeros(len(column) + 1, np.int64)
+    np.cumsum(pc.list_value_length(column).to_numpy(), out=offsets[1:])
+    entries = column.flatten()
+    if entries.null_count:
+        entry = int(np.flatnonzero(entries.is_null().to_numpy(zero_copy_only=False))[0])
+        raise bad_line(path, int(np.searchsorted(offsets, entry, side="right")), f"{name} holds a null entry",
+                       PREPARE_HINT)
+    return offsets, entries
+
+
+def _parquet_labels(path: str | os.PathLike, column: pa.ChunkedArray) -> np.ndarray:
+    """Labels as float32 [N]; the column must be numeric (or boolean), without nulls, and 0 or 1."""
+    try:
+        labels = column.combine_chunks().cast(pa.float32())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise bad_file(path, f"column 'label' ({column.type}) is not numeric ({e})", PREPARE_HINT) from None
+    _first_null(path, labels, "label")
+    values = labels.to_numpy()
+    bad = np.flatnonzero((values != 0) & (values != 1))
+    if bad.size:
+        i = int(bad[0])
+        raise bad_line(path, i + 1, f"label {values[i]:g} is not 0 or 1", "the label column must be the click label")
+    return values
+
+
+def _lookup_strings(tokens: pa.Array, table: dict[str, int]) -> np.ndarray:
+    """Ids of Arrow string `tokens` (0 for unknown), int32; each distinct token is looked up once."""
+    encoded = pc.dictionary_encode(tokens)
+    distinct = encoded.dictionary.to_pylist()
+    ids = np.fromiter(map(table.get, distinct, repeat(0)), np.int32, len(distinct))
+    return ids[encoded.indices.to_numpy()]
+
+
+# ---------------------------------------------------------------------------------------------
 # Cache
 
 
@@ -288,11 +403,19 @@ def sample_path(data_dir: str | os.PathLike, split: str) -> str:
     return os.path.join(os.fspath(data_dir), SPLIT_FILES[split])
 
 
-def load_split(data_dir: str | os.PathLike, split: str, vocabs: Vocabularies) -> EncodedSplit:
-    """The encoded `split`, from the on-disk cache when it matches, else encoded (and cached)."""
+def sample_source(data_dir: str | os.PathLike, split: str) -> str:
+    """The file `split` is read from: its Parquet file when there is one, else its text file."""
     path = sample_path(data_dir, split)
+    if os.path.isfile(path + PARQUET_SUFFIX):
+        return path + PARQUET_SUFFIX
     if not os.path.isfile(path):
-        raise bad_file(path, "no such sample file", PREPARE_HINT)
+        raise bad_file(path, f"no such sample file (nor {os.path.basename(path)}{PARQUET_SUFFIX})", PREPARE_HINT)
+    return path
+
+
+def load_split(data_dir: str | os.PathLike, split: str, vocabs: Vocabularies) -> EncodedSplit:
+    """The encoded `split` (Parquet preferred, else text), from the on-disk cache when it matches."""
+    path = sample_source(data_dir, split)
     key = _digest([FORMAT_VERSION, _file_identity(path), vocabs.fingerprint])
     cache = os.path.join(os.fspath(data_dir), CACHE_DIR, f"{SPLIT_FILES[split]}.{key}")
     encoded = _read_cache(cache)
@@ -368,5 +491,5 @@ def _remove_stale_caches(current: str) -> None:
 
 __all__ = [
     "DataError", "Vocabularies", "EncodedSplit", "load_vocab", "find_vocab", "load_vocabularies",
-    "encode_file", "sample_path", "load_split", "TRAIN_FILE", "TEST_FILE",
+    "encode_file", "sample_path", "sample_source", "load_split", "TRAIN_FILE", "TEST_FILE", "PARQUET_SUFFIX",
 ]

@@ -17,6 +17,8 @@ mostly unrelated to the user. `benchmarks/attention_gain.py` measures the effect
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import gzip
 import os
@@ -182,15 +184,26 @@ def _distinct_rows(rng: np.random.Generator, rows: int, width: int, upper: int) 
         draws[duplicate_rows] = rng.integers(0, upper, (len(duplicate_rows), width))
 
 
-def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0) -> tuple[str, str]:
-    """Writes the review and meta files into `out_dir`; returns their paths. Same spec + seed, same bytes."""
+def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0, *,
+             extra_meta_items: int = 0, text_bytes: int = 0) -> tuple[str, str]:
+    """Writes the review and meta files into `out_dir`; returns their paths. Same spec + seed, same bytes.
+
+    `extra_meta_items` adds meta lines of items nobody reviewed (Amazon's meta files describe far more
+    items than the 5-core reviews mention). `text_bytes` > 0 gives each review a `reviewText` and each
+    item a `description` of about that many bytes on average, plus `related` lists and a `salesRank`,
+    so the files have the size of real ones; 0 keeps the short fixed texts. Neither changes the
+    reviews, items or categories drawn.
+    """
     spec.validate()
+    if extra_meta_items < 0 or text_bytes < 0:
+        raise ValueError(f"extra_meta_items ({extra_meta_items}) and text_bytes ({text_bytes}) must be >= 0")
     rng = np.random.default_rng(seed)
     item_category, item_series, popularity = _catalogue(spec, rng)
     sampler = _ItemSampler(item_category, item_series, popularity)
     user, items = _user_histories(spec, rng, sampler, item_series)
 
-    asins = _codes(b"B", np.arange(spec.num_items), 9, salt=seed)
+    num_meta = spec.num_items + extra_meta_items
+    asins = _codes(b"B", np.arange(num_meta), 9, salt=seed)
     reviewer_ids = _codes(b"A", np.arange(spec.num_users), 12, salt=seed + 1)
     category_names = [f"Topic {c // 20:02d} Subject {c:04d}" for c in range(spec.num_categories)]
 
@@ -202,28 +215,100 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), 
     times = starts[user] + cumulative - cumulative[first][user]
     ratings = rng.integers(1, 6, len(user))
 
+    # Drawn from their own generator, so the data above does not depend on these options.
+    extra_rng = np.random.default_rng([seed, 1])
+    meta_category = np.concatenate([item_category, extra_rng.integers(0, spec.num_categories, extra_meta_items)])
+    texts = _Texts(extra_rng) if text_bytes else None
+
     # Real files are not grouped by user: write reviews in item order, as McAuley's dumps are.
     order = np.lexsort((times, items))
     os.makedirs(out_dir, exist_ok=True)
     reviews_path = os.path.join(out_dir, REVIEWS_FILE)
     meta_path = os.path.join(out_dir, META_FILE)
-    review_lines = [
-        '{"reviewerID": "%s", "asin": "%s", "reviewerName": "Reader %d", "helpful": [0, 0], '
-        '"reviewText": "Synthetic review.", "overall": %d.0, "summary": "synthetic", '
-        '"unixReviewTime": %d, "reviewTime": "%s"}\n'
-        % (reviewer_ids[u], asins[i], u, r, t, time_module.strftime("%m %d, %Y", time_module.gmtime(t)))
-        for u, i, r, t in zip(user[order].tolist(), items[order].tolist(), ratings[order].tolist(),
-                              times[order].tolist())
-    ]
-    meta_lines = [
-        "{'asin': '%s', 'title': 'Item %d', 'price': %.2f, 'categories': [['Books', '%s']]}\n"
-        % (asins[i], i, 5 + (i % 50), category_names[item_category[i]])
-        for i in range(spec.num_items)
-    ]
-    for path, lines in ((reviews_path, review_lines), (meta_path, meta_lines)):
-        with atomic_write(path) as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
-            gz.write("".join(lines).encode())
+    days = (times - _FIRST_REVIEW_TIME) // _DAY
+    dates = [time_module.strftime("%m %d, %Y", time_module.gmtime(_FIRST_REVIEW_TIME + d * _DAY))
+             for d in range(int(days.max()) + 1)]
+
+    def review_lines(rows: slice) -> str:
+        index = order[rows]
+        text = texts.pieces(len(index), text_bytes) if texts else ["Synthetic review."] * len(index)
+        return "".join([
+            '{"reviewerID": "%s", "asin": "%s", "reviewerName": "Reader %d", "helpful": [0, 0], '
+            '"reviewText": "%s", "overall": %d.0, "summary": "synthetic", '
+            '"unixReviewTime": %d, "reviewTime": "%s"}\n'
+            % (reviewer_ids[u], asins[i], u, x, r, t, dates[d])
+            for u, i, r, t, d, x in zip(user[index].tolist(), items[index].tolist(), ratings[index].tolist(),
+                                        times[index].tolist(), days[index].tolist(), text)])
+
+    def meta_lines(rows: slice) -> str:
+        numbers = range(num_meta)[rows]
+        if not texts:
+            return "".join([
+                "{'asin': '%s', 'title': 'Item %d', 'price': %.2f, 'categories': [['Books', '%s']]}\n"
+                % (asins[i], i, 5 + (i % 50), category_names[meta_category[i]]) for i in numbers])
+        return "".join([_rich_meta_line(asins, i, category_names[meta_category[i]], description)
+                        for i, description in zip(numbers, texts.pieces(len(numbers), text_bytes, python=True))])
+
+    _write_gzip(reviews_path, review_lines, len(order))
+    _write_gzip(meta_path, meta_lines, num_meta)
     return reviews_path, meta_path
+
+
+_CHUNK_LINES = 200_000  # lines formatted and compressed at a time, so memory stays bounded
+
+
+def _write_gzip(path: str, lines, count: int) -> None:
+    """Writes `lines(rows)` for consecutive row slices as gzip members, compressed on two threads."""
+    slices = [slice(start, start + _CHUNK_LINES) for start in range(0, count, _CHUNK_LINES)] or [slice(0, 0)]
+    with atomic_write(path) as f, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pending: collections.deque = collections.deque()
+        for rows in slices:  # zlib releases the GIL: the next chunk is formatted while two compress
+            pending.append(pool.submit(gzip.compress, lines(rows).encode(), 1, mtime=0))
+            if len(pending) > 2:
+                f.write(pending.popleft().result())
+        for member in pending:
+            f.write(member.result())
+
+
+class _Texts:
+    """Review and description texts: runs of pseudo-words, a few with quotes and accents."""
+
+    def __init__(self, rng: np.random.Generator, words: int = 4_000, pool_words: int = 400_000):
+        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+        lengths = rng.integers(1, 10, words)
+        vocabulary = [letters[rng.integers(0, 26, n)].tobytes().decode() for n in lengths.tolist()]
+        vocabulary[:4] = ["it's", 'a "quoted" one', "caf\\u00e9", "well,"]
+        drawn = rng.zipf(1.3, pool_words) % words
+        self.json_pool = " ".join(vocabulary[w].replace('"', '\\"') for w in drawn.tolist()) + " "
+        self.python_pool = " ".join(vocabulary[w].replace("'", "\\'").replace("\\u00e9", "\\xe9")
+                                    for w in drawn.tolist()) + " "
+        self.json_starts = _word_starts(self.json_pool)
+        self.python_starts = _word_starts(self.python_pool)
+        self.rng = rng
+
+    def pieces(self, count: int, mean_bytes: int, python: bool = False) -> list[str]:
+        """`count` texts of whole words, lengths exponential around `mean_bytes`, JSON- or Python-escaped."""
+        pool, starts = (self.python_pool, self.python_starts) if python else (self.json_pool, self.json_starts)
+        lengths = np.minimum(self.rng.exponential(mean_bytes, count).astype(np.int64) + 1, len(pool) // 2)
+        begin = starts[self.rng.integers(0, np.searchsorted(starts, len(pool) // 2), count)]
+        end = starts[np.searchsorted(starts, begin + lengths)] - 1  # the space before the next word
+        return [pool[b:e] for b, e in zip(begin.tolist(), end.tolist())]
+
+
+def _word_starts(pool: str) -> np.ndarray:
+    """Offsets of the words of a space-separated pool."""
+    spaces = np.flatnonzero(np.frombuffer(pool.encode(), dtype=np.uint8) == ord(" "))
+    return np.r_[0, spaces + 1]
+
+
+def _rich_meta_line(asins: list[str], item: int, category: str, description: str) -> str:
+    """A meta line shaped like the real ones: related items, sales rank, categories before or after the text."""
+    related = ", ".join("'%s'" % asins[(item * 7919 + k * 104_729) % len(asins)] for k in range(1 + item % 40))
+    categories = "'categories': [['Books', '%s']]" % category
+    head, tail = (categories + ", ", "") if item % 2 else ("", ", " + categories)
+    return ("{'asin': '%s', %s'related': {'also_bought': [%s]}, 'title': 'Item %d', 'price': %.2f, "
+            "'salesRank': {'Books': %d}, 'description': '%s'%s}\n"
+            % (asins[item], head, related, item, 5 + (item % 50), 1 + item * 31 % 1_000_000, description, tail))
 
 
 def _define_flags() -> None:
@@ -232,6 +317,8 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("out_dir", None, "Directory for the raw review and meta files.", required=True)
     flags.DEFINE_integer("seed", 0, "Generator seed: the same spec and seed give the same bytes.")
+    flags.DEFINE_integer("extra_meta_items", 0, "Meta lines of unreviewed items (Books: 2.3M meta, 368k reviewed).")
+    flags.DEFINE_integer("text_bytes", 0, "Mean reviewText / description length, for real file sizes (0: short texts).")
     for field in dataclasses.fields(SyntheticSpec):
         default = field.default
         if isinstance(default, tuple):
@@ -253,7 +340,8 @@ def main(argv: list[str]) -> None:
     try:
         spec = SyntheticSpec(**values)
         start = time_module.perf_counter()
-        paths = generate(flags.FLAGS.out_dir, spec, flags.FLAGS.seed)
+        paths = generate(flags.FLAGS.out_dir, spec, flags.FLAGS.seed,
+                         extra_meta_items=flags.FLAGS.extra_meta_items, text_bytes=flags.FLAGS.text_bytes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pathlib
 import pickle
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
-from input_pipeline import amazon
+from input_pipeline import amazon, synthetic
 from input_pipeline.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -209,29 +211,144 @@ def test_pairs_are_negative_then_last_review_with_its_history(tmp_path, seed):
     assert (stats.dropped_users, stats.items_without_meta, stats.train_pairs + stats.test_pairs) == (1, 1, 3)
 
 
-def test_meta_fast_path_agrees_with_literal_eval():
-    for line in RICH_META + FORCED_META:
-        data = line.encode("utf-8")
-        assert amazon._meta_fields(data) == amazon._meta_fields_from_literal(data)
-    assert amazon._META_LINE.fullmatch(RICH_META[0].encode())  # the Python-literal lines take the fast path
+# Meta lines and whether the RE2 fast path reads them (else json.loads / ast.literal_eval does).
+META_PATHS = [
+    (RICH_META[0], True),  # escaped 'categories' inside the description is no key
+    (RICH_META[1], True),  # a double-quoted category
+    (RICH_META[2], False),  # an escape inside the category literal
+    (FORCED_META[0], True),
+    (FORCED_META[1], False),  # JSON
+    (FORCED_META[3], False),  # asin not first
+    ("{'asin': 'X1', 'categories': [['A', 'B']], 'description': \"it's 'categories': [['Fake']]\"}", True),
+    ("{'asin': 'X2', 'description': \"a, 'categories': [['Fake']]\", 'categories': [['A', 'B']]}", False),
+    ("{'asin': 'X3', 'related': {'also_bought': ['Y']}, 'categories': [[]]}", True),
+    ("{'asin': 'X4', 'categories': [], 'title': u'T'}", True),
+    ("{'asin': 'X5', 'categories': [['A', u'Unicode']]}\r", True),
+    ("{'asin': 'X6', 'categories': [['Caf\u00e9']]}", True),  # UTF-8 in the line itself
+    ("{'asin': 'X7', 'title': 'No categories'}", False),
+]
 
 
-def test_fast_review_parser_agrees_with_json_on_the_real_file(shared_data):
-    with gzip.open(shared_data / MUSICAL_INSTRUMENTS, "rb") as f:
-        lines = f.read().splitlines()
-    for line in lines:
-        fast = amazon._REVIEW_LINE.match(line).groups()
-        slow = amazon._review_fields_from_json(line)
-        assert fast[:2] == slow[:2] and float(fast[2]) == float(slow[2]) and fast[3] == slow[3]
+def meta_block(lines: list[bytes], skip: bool = False) -> tuple[list, int]:
+    """(asin, category) rows and bad count of one meta block, as _meta_block reads it."""
+    data = b"".join(line + b"\n" for line in lines)
+    block = amazon.LineBlock(first_line=1, data=data, lines=len(lines), position=len(data))
+    asin, category, bad = amazon._meta_block("m.json", block, skip)
+    return list(zip(asin.to_pylist(), category.to_pylist())), bad
 
 
-def test_batch_size_does_not_change_the_output(tmp_path, monkeypatch):
+@pytest.mark.parametrize("line, fast", META_PATHS, ids=[str(i) for i in range(len(META_PATHS))])
+def test_meta_fast_path_agrees_with_literal_eval(line, fast, monkeypatch):
+    data = line.encode("utf-8")
+    expected = amazon._meta_fields_from_literal(data.rstrip(b"\r"))
+    literal_lines = []
+    literal = amazon._meta_fields_from_literal
+    monkeypatch.setattr(amazon, "_meta_fields_from_literal", lambda text: literal_lines.append(text) or literal(text))
+    assert meta_block([data]) == ([expected], 0)
+    assert (not literal_lines) == fast
+
+
+def test_meta_block_keeps_line_order_across_fast_and_slow_lines():
+    lines = [line.encode() for line, _ in META_PATHS]
+    rows, bad = meta_block(lines[:3] + [b"", b"   ", b"{'asin': 'BAD', 'categories': [['A']]"] + lines[3:], skip=True)
+    assert bad == 1
+    assert rows == [amazon._meta_fields_from_literal(line.rstrip(b"\r")) for line in lines]
+
+
+BAD_META_LINES = {
+    "truncated": "{'asin': 'X', 'categories': [['A']]",
+    "tab in the category": "{'asin': 'X', 'categories': [['A\tB']]}",
+    "categories not lists": "{'asin': 'X', 'categories': 'Books'}",
+    "no asin": "{'title': 'X', 'categories': [['A']]}",
+    "not a dict": "42",
+}
+
+
+@pytest.mark.parametrize("bad", BAD_META_LINES.values(), ids=BAD_META_LINES.keys())
+def test_bad_meta_line_names_its_line(bad):
+    with pytest.raises(DataError, match=r"^m\.json:2: "):
+        meta_block([FORCED_META[0].encode(), bad.encode()])
+
+
+def test_invalid_utf8_matters_only_in_the_fields_used():
+    fine = b"{'asin': 'X', 'description': '\xff', 'categories': [['A']]}"
+    assert meta_block([fine]) == ([(b"X", b"A")], 0)
+    assert meta_block([b"{'asin': 'X', 'categories': [['A\xff']]}"], skip=True) == ([], 1)
+
+
+def test_real_review_file_is_read_without_parsing_any_line_in_python(shared_data, tmp_path, monkeypatch):
+    path = shared_data / MUSICAL_INSTRUMENTS
+    monkeypatch.setattr(amazon, "_review_fields_from_json", refuse_line)
+    amazon.prepare(str(path), None, str(tmp_path / "out"))
+    with gzip.open(path, "rb") as f:
+        records = [json.loads(line) for line in f]
+    assert read_lines(tmp_path / "out", "reviews-info") == [
+        f"{r['reviewerID']}\t{r['asin']}\t{float(r['overall'])!r}\t{r['unixReviewTime']}" for r in records]
+
+
+def refuse_line(line):
+    raise AssertionError(f"line parsed in Python: {line[:80]!r}")
+
+
+def test_synthetic_files_take_the_fast_paths(tmp_path, monkeypatch):
+    spec = synthetic.SyntheticSpec(num_users=300, num_items=240, num_categories=20, mean_reviews=8.0, max_reviews=30)
+    reviews, meta = synthetic.generate(tmp_path / "raw", spec, seed=1, extra_meta_items=50, text_bytes=200)
+    monkeypatch.setattr(amazon, "_review_fields_from_json", refuse_line)
+    monkeypatch.setattr(amazon, "_meta_fields_from_literal", refuse_line)
+    stats = amazon.prepare(reviews, meta, str(tmp_path / "out"))
+    assert (stats.users, stats.meta_items, stats.items_without_meta) == (300, 290, 0)
+
+
+# Review lines on which pyarrow and json.loads could disagree; with on_bad_line='skip' the result must not
+# depend on whether a line is read in a block of good lines (pyarrow) or among bad ones (json.loads).
+TRICKY_REVIEWS = [
+    review("U1", "I1", 10, rating=5).encode(),  # an integer rating
+    b'{"reviewerID": "U1", "asin": "I2", "overall": 4.0, "unixReviewTime": 20.0}',  # a float time
+    b'{"reviewerID": "U2", "asin": "I9", "asin": "I3", "overall": 3.0, "unixReviewTime": 5}',  # the last asin counts
+    review("U2", "I2", 6).encode().replace(b"Fine", b"\xff\xfe"),  # bad UTF-8 in the text only
+    review("U2", "I1", 7).encode() + b"\r",
+    b"",
+    b"   ",
+    b'{"reviewerID": "U3", "asin": "I1", "overall": NaN, "unixReviewTime": 1}',  # bad
+    review("U3", "I2", 2).encode() + review("U3", "I3", 3).encode(),  # bad: two objects on a line
+    review("U\t3", "I1", 2).encode(),  # bad: an escaped tab in the id
+    b'{"reviewerID": "U3", "asin": "I2", "overall": 2.0, "unixReviewTime": 1e30}',  # bad: out of range
+    review("U3", "I2", 2).encode().replace(b'"U3"', b'"\xff"'),  # bad: bad UTF-8 in the id
+    review("U3", "I3", 4).encode(),
+    review("U3", "I1", 5).encode(),
+]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20])
+def test_tricky_review_lines_count_the_same_in_any_block(tmp_path, monkeypatch, block_bytes):
+    path = tmp_path / "r.json"
+    path.write_bytes(b"\n".join(TRICKY_REVIEWS) + b"\n")
+    monkeypatch.setattr(amazon, "_BLOCK_BYTES", block_bytes)
+    stats = amazon.prepare(str(path), None, str(tmp_path / "out"), on_bad_line="skip")
+    assert (stats.reviews, stats.bad_review_lines, stats.users) == (7, 5, 3)
+    assert read_lines(tmp_path / "out", "reviews-info") == [
+        "U1\tI1\t5.0\t10", "U1\tI2\t4.0\t20", "U2\tI3\t3.0\t5", "U2\tI2\t5.0\t6", "U2\tI1\t5.0\t7",
+        "U3\tI3\t5.0\t4", "U3\tI1\t5.0\t5"]
+
+
+@pytest.mark.parametrize("format", amazon.FORMATS)
+def test_block_and_chunk_sizes_do_not_change_the_output(tmp_path, monkeypatch, format):
     reviews, meta = write(tmp_path / "r.json", RICH_REVIEWS), write(tmp_path / "m.json", RICH_META)
-    amazon.prepare(reviews, meta, str(tmp_path / "one_batch"))
-    monkeypatch.setattr(amazon, "_BATCH_LINES", 2)
-    amazon.prepare(reviews, meta, str(tmp_path / "small_batches"))
-    for name in OUTPUT_FILES:
-        assert (tmp_path / "one_batch" / name).read_bytes() == (tmp_path / "small_batches" / name).read_bytes()
+    amazon.prepare(reviews, meta, str(tmp_path / "whole"), format=format)
+    monkeypatch.setattr(amazon, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(amazon, "_WRITE_ROWS", 1)
+    amazon.prepare(reviews, meta, str(tmp_path / "pieces"), format=format)
+    assert sorted(os.listdir(tmp_path / "whole")) == sorted(os.listdir(tmp_path / "pieces"))
+    for name in os.listdir(tmp_path / "whole"):
+        if format == "text":
+            assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "pieces" / name).read_bytes(), name
+        else:  # a Parquet file has a row group per chunk; its rows must be the same
+            assert read_any(tmp_path / "whole" / name) == read_any(tmp_path / "pieces" / name), name
+
+
+def read_any(path: pathlib.Path):
+    """A Parquet file's rows, else the file's bytes."""
+    return pq.read_table(path).to_pylist() if path.suffix == ".parquet" else path.read_bytes()
 
 
 def test_same_seed_same_bytes_other_seed_other_samples(shared_data, tmp_path):
@@ -329,6 +446,44 @@ def test_bad_meta_line_is_an_error_or_counted(tmp_path):
     assert (stats.bad_meta_lines, stats.meta_items) == (3, 1)
 
 
+def test_an_error_leaves_earlier_outputs_untouched(tmp_path):
+    reviews = write(tmp_path / "r.json", FORCED_REVIEWS)
+    out = tmp_path / "out"
+    amazon.prepare(reviews, write(tmp_path / "m.json", FORCED_META), str(out))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    bad_meta = write(tmp_path / "bad.json", FORCED_META + ["{'asin': "])
+    with pytest.raises(DataError, match=r"bad\.json:5: "):
+        amazon.prepare(reviews, bad_meta, str(out), seed=4)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def test_parquet_replaces_earlier_text_samples_and_back(tmp_path):
+    reviews, meta = write(tmp_path / "r.json", RICH_REVIEWS), write(tmp_path / "m.json", RICH_META)
+    out = tmp_path / "out"
+    amazon.prepare(reviews, meta, str(out))
+    amazon.prepare(reviews, meta, str(out), format="parquet")
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES[2:] + tuple(f + ".parquet" for f in SAMPLE_FILES))
+    table = pq.read_table(out / (amazon.TRAIN_FILE + ".parquet"))
+    assert table.schema == amazon.SAMPLE_SCHEMA
+    assert table.column("label").to_pylist()[:2] == [0, 1] and table.num_rows % 2 == 0
+    amazon.prepare(reviews, meta, str(out))
+    assert sorted(os.listdir(out)) == sorted(OUTPUT_FILES)
+
+
+def test_parquet_output_is_the_same_bytes_for_the_same_seed(tmp_path):
+    reviews, meta = write(tmp_path / "r.json", RICH_REVIEWS), write(tmp_path / "m.json", RICH_META)
+    for name in ("a", "b"):
+        amazon.prepare(reviews, meta, str(tmp_path / name), format="parquet", test_fraction=0.5)
+    for name in SAMPLE_FILES:
+        assert (tmp_path / "a" / f"{name}.parquet").read_bytes() == (tmp_path / "b" / f"{name}.parquet").read_bytes()
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal(tmp_path, capfd):
+    amazon.prepare(write(tmp_path / "r.json", FORCED_REVIEWS), write(tmp_path / "m.json", FORCED_META),
+                   str(tmp_path / "out"), progress=True)
+    assert capfd.readouterr() == ("", "")
+
+
 def test_empty_review_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=r"r\.json: has no reviews"):
         amazon.prepare(write(tmp_path / "r.json", []), None, str(tmp_path / "out"))
@@ -345,6 +500,17 @@ def test_cli_prepares_and_prints_a_summary(tmp_path):
     assert "train_pairs" in result.stdout and "dropped_users" in result.stdout
     assert read_lines(tmp_path / "out", amazon.TRAIN_FILE) == [
         line.replace("Zcat", "default_cat") for line in FORCED_SAMPLES]
+
+
+def test_cli_writes_parquet(tmp_path):
+    reviews = write(tmp_path / "r.json", FORCED_REVIEWS)
+    result = subprocess.run([sys.executable, "-m", "input_pipeline.amazon", "--reviews", reviews, "--format=parquet",
+                             "--noprogress", "--out_dir", str(tmp_path / "out"), "--test_fraction", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(tmp_path / "out" / (amazon.TRAIN_FILE + ".parquet"))
+    assert table.column("mid").to_pylist() == ["ITEM_Z", "ITEM_A", "ITEM_A", "ITEM_Z"]
+    assert table.column("hist_mids").to_pylist() == [["ITEM_Z"], ["ITEM_Z"], ["ITEM_A"], ["ITEM_A"]]
 
 
 def test_cli_reports_a_data_error_in_one_line(tmp_path):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from input_pipeline import dien
+from input_pipeline import amazon, dien, synthetic
 from input_pipeline.errors import DataError
 
 from tests.conftest import SHARED_DATA
@@ -264,7 +267,8 @@ def test_bad_line_is_a_data_error_naming_file_and_line(tmp_path, bad_line, probl
 
 def test_missing_sample_file_says_how_to_prepare(tmp_path):
     write_vocabs(tmp_path)
-    with pytest.raises(DataError, match=f"{tmp_path / dien.TRAIN_FILE}: no such sample file; "
+    with pytest.raises(DataError, match=f"{tmp_path / dien.TRAIN_FILE}: no such sample file "
+                                        rf"\(nor {dien.TRAIN_FILE}\.parquet\); "
                                         r"prepare the directory with `python -m input_pipeline\.amazon`"):
         load(tmp_path, "train")
 
@@ -272,6 +276,101 @@ def test_missing_sample_file_says_how_to_prepare(tmp_path):
 def test_empty_sample_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no samples"):
         load(prepared_dir(tmp_path, b"\r\n\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet
+
+
+# FOUR_LINES as Parquet columns.
+FOUR_ROWS = {
+    "label": pa.array([1, 0, 1, 0], pa.int8()),
+    "uid": pa.array(["u1", "u2", "u9", "u1"]),
+    "mid": pa.array(["m1", "m9", "m3", "m2"]),
+    "cat": pa.array(["c1", "c2", "c1", "c2"]),
+    "hist_mids": pa.array([["m2", "m3"], [], ["m1"], ["m3", "m9", "m1"]]),
+    "hist_cats": pa.array([["c2", "c1"], [], ["c1"], ["c1", "c2", "c9"]]),
+}
+
+
+def parquet_dir(tmp_path, columns: dict = FOUR_ROWS, split: str = "test"):
+    """A data directory holding the hand-written vocabularies and one Parquet sample file."""
+    write_vocabs(tmp_path)
+    pq.write_table(pa.table(columns), tmp_path / (dien.SPLIT_FILES[split] + dien.PARQUET_SUFFIX))
+    return tmp_path
+
+
+def subdir(tmp_path, name: str):
+    """A new directory under tmp_path."""
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def test_parquet_file_encodes_like_the_text_file(tmp_path):
+    assert_splits_equal(load(parquet_dir(tmp_path)), load(prepared_dir(subdir(tmp_path, "text"), FOUR_LINES)))
+
+
+def test_text_and_parquet_preparations_encode_to_identical_arrays(tmp_path):
+    spec = synthetic.SyntheticSpec(num_users=400, num_items=240, num_categories=20, mean_reviews=8.0, max_reviews=30)
+    reviews, meta = synthetic.generate(tmp_path / "raw", spec, seed=2)
+    for format in amazon.FORMATS:
+        amazon.prepare(reviews, meta, str(tmp_path / format), format=format, test_fraction=0.3)
+    assert not (tmp_path / "parquet" / dien.TRAIN_FILE).exists()
+    for split in dien.SPLIT_FILES:
+        text, parquet = load(tmp_path / "text", split), load(tmp_path / "parquet", split)
+        assert len(text) > 50
+        assert_splits_equal(text, parquet)
+
+
+def test_string_like_column_types_are_accepted(tmp_path):
+    columns = dict(FOUR_ROWS, uid=FOUR_ROWS["uid"].dictionary_encode(), mid=FOUR_ROWS["mid"].cast(pa.large_string()),
+                   label=pa.array([True, False, True, False]),
+                   hist_cats=FOUR_ROWS["hist_cats"].cast(pa.large_list(pa.large_string())))
+    assert_splits_equal(load(parquet_dir(tmp_path, columns)), load(parquet_dir(subdir(tmp_path, "plain"))))
+
+
+def test_parquet_is_preferred_over_text_when_both_exist(tmp_path):
+    directory = parquet_dir(tmp_path, dict(FOUR_ROWS, mid=pa.array(["m3", "m3", "m3", "m3"])))
+    (directory / dien.TEST_FILE).write_bytes(FOUR_LINES)
+    np.testing.assert_array_equal(load(directory).mid, [3, 3, 3, 3])
+
+
+def test_parquet_second_load_memory_maps_the_cache(tmp_path, monkeypatch):
+    directory = parquet_dir(tmp_path)
+    first = load(directory)
+    monkeypatch.setattr(dien, "encode_file", refuse_to_parse)
+    second = load(directory)
+    assert_splits_equal(first, second)
+    assert isinstance(second.hist_mids.base, np.memmap)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"hist_cats": None}, r": has no column 'hist_cats' \(a Parquet sample file needs label uid mid cat "),
+    ({"label": pa.array([1, 0, 2, 0])}, r":3: label 2 is not 0 or 1"),
+    ({"label": pa.array([[1], [0], [1], [0]])}, r": column 'label' \(list<\w+: int64>\) is not numeric"),
+    ({"uid": pa.array(["u1", None, "u9", "u1"])}, r":2: uid is null"),
+    ({"hist_cats": pa.array([["c2"], [], ["c1"], ["c1", "c2", "c9"]])},
+     r":1: hist_mids has 2 entries but hist_cats has 1"),
+    ({"hist_mids": pa.array([["m2", "m3"], [], ["m1"], ["m3", None, "m1"]])}, r":4: hist_mids holds a null entry"),
+    ({"hist_mids": pa.array([1, 2, 3, 4])}, r": column 'hist_mids' \(int64\) is not lists of strings"),
+])
+def test_bad_parquet_sample_file_is_a_data_error_naming_file_and_row(tmp_path, change, problem):
+    columns = {name: column for name, column in dict(FOUR_ROWS, **change).items() if column is not None}
+    directory = parquet_dir(tmp_path, columns)
+    path = os.path.join(directory, dien.TEST_FILE + dien.PARQUET_SUFFIX)
+    with pytest.raises(DataError, match="^" + re.escape(path) + problem):
+        load(directory)
+
+
+def test_unreadable_or_empty_parquet_is_a_data_error(tmp_path):
+    write_vocabs(tmp_path)
+    path = tmp_path / (dien.TEST_FILE + dien.PARQUET_SUFFIX)
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load(tmp_path)
+    pq.write_table(pa.table({name: column.slice(0, 0) for name, column in FOUR_ROWS.items()}), path)
+    with pytest.raises(DataError, match="no samples"):
+        load(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
