@@ -92,7 +92,6 @@ import math
 import os
 import pickle
 import re
-import sys
 import threading
 import time
 from typing import IO, Iterable, Iterator
@@ -105,6 +104,7 @@ import pyarrow.parquet as pq
 import tqdm
 from absl import app, flags
 
+from input_pipeline import cli
 from input_pipeline.errors import DataError, bad_file, bad_line
 from input_pipeline.textio import LineBlock, atomic_files, line_blocks, open_lines
 
@@ -847,43 +847,17 @@ def _define_flags() -> None:
     """The CLI flags; defined only when run as a program, so importing `prepare` defines none."""
     flags.DEFINE_string("reviews", None, "reviews_<Category>[_5].json[.gz] file.", required=True)
     flags.DEFINE_string("meta", None, "meta_<Category>.json[.gz] file; without it every item gets default_cat.")
-    flags.DEFINE_string("out_dir", None, "Directory for the sample files and vocabularies.", required=True)
-    flags.DEFINE_integer("seed", 3, "Seed of the negative sampling and the train/test split.")
-    flags.DEFINE_float("test_fraction", 0.1, "Probability that a user's pair goes to the test file.",
-                       lower_bound=0.0, upper_bound=1.0)
-    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
-                      "On a malformed line: stop with an error, or count and skip it.")
+    cli.define_common_flags()
     flags.DEFINE_enum("format", "text", list(FORMATS),
                       "Sample files as DIEN text lines, or as Parquet (local_*_splitByUser.parquet).")
     flags.DEFINE_boolean("progress", True, "Show a progress bar per stage (only when stderr is a terminal).")
 
 
-def _summary(stats: PrepareStats) -> str:
-    """A two-column table of the counts."""
-    cells = [(field.name, _cell(getattr(stats, field.name))) for field in dataclasses.fields(stats)]
-    width = max(len(name) for name, _ in cells)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in cells)
-
-
-def _cell(value: int | float | tuple[str, ...]) -> str:
-    """One value of the summary table."""
-    if isinstance(value, tuple):
-        return ", ".join(value) or "-"
-    return f"{value:.2f}" if isinstance(value, float) else f"{value:,}"
-
-
 def main(argv: list[str]) -> None:
     """Prepares one category and prints the counts; a DataError is one line on stderr, status 1."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    args = flags.FLAGS
-    try:
-        stats = prepare(args.reviews, args.meta, args.out_dir, seed=args.seed, test_fraction=args.test_fraction,
-                        on_bad_line=args.on_bad_line, format=args.format, progress=args.progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(_summary(stats))
+    cli.run(argv, lambda args: prepare(args.reviews, args.meta, args.out_dir, seed=args.seed,
+                                       test_fraction=args.test_fraction, on_bad_line=args.on_bad_line,
+                                       format=args.format, progress=args.progress))
 
 
 if __name__ == "__main__":

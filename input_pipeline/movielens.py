@@ -34,15 +34,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
 from input_pipeline.amazon import (DEFAULT_CAT, _checked, _first_categories, _item_categories, _Malformed,
-                                   _pairs, _parse_lines, _read, _review_columns, _summary, _write_outputs)
-from input_pipeline.errors import DataError, bad_file, bad_line
+                                   _pairs, _parse_lines, _read, _review_columns, _write_outputs)
+from input_pipeline import cli
+from input_pipeline.errors import bad_file, bad_line
 from input_pipeline.textio import open_lines
 
 ML_1M = "ml-1m"
@@ -199,27 +199,15 @@ def _define_flags() -> None:
     """The CLI flags; defined only when run as a program, so importing `prepare` defines none."""
     flags.DEFINE_string("ratings", None, "ML-1M ratings.dat or ML-100k u.data (optionally .gz).", required=True)
     flags.DEFINE_string("movies", None, "ML-1M movies.dat or ML-100k u.item (optionally .gz).", required=True)
-    flags.DEFINE_string("out_dir", None, "Directory for the sample files and vocabularies.", required=True)
     flags.DEFINE_float("min_rating", 4.0, "Ratings >= this are positives; lower ones are dropped.")
-    flags.DEFINE_integer("seed", 3, "Seed of the negative sampling and the train/test split.")
-    flags.DEFINE_float("test_fraction", 0.1, "Probability that a user's pair goes to the test file.",
-                       lower_bound=0.0, upper_bound=1.0)
-    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
-                      "On a malformed line: stop with an error, or count and skip it.")
+    cli.define_common_flags()
 
 
 def main(argv: list[str]) -> None:
     """Prepares one MovieLens release and prints the counts; a DataError is one line on stderr, status 1."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    args = flags.FLAGS
-    try:
-        stats = prepare(args.ratings, args.movies, args.out_dir, min_rating=args.min_rating, seed=args.seed,
-                        test_fraction=args.test_fraction, on_bad_line=args.on_bad_line)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(_summary(stats))
+    cli.run(argv, lambda args: prepare(args.ratings, args.movies, args.out_dir, min_rating=args.min_rating,
+                                       seed=args.seed, test_fraction=args.test_fraction,
+                                       on_bad_line=args.on_bad_line))
 
 
 if __name__ == "__main__":

@@ -30,15 +30,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import sys
 import time
 from typing import Iterable
 
 import numpy as np
 from absl import app, flags
 
-from input_pipeline.amazon import _Malformed, _pairs, _parse_lines, _read, _Reviews, _summary, _write_outputs
-from input_pipeline.errors import DataError, bad_file
+from input_pipeline.amazon import _Malformed, _pairs, _parse_lines, _read, _Reviews, _write_outputs
+from input_pipeline import cli
+from input_pipeline.errors import bad_file
 from input_pipeline.textio import open_lines
 
 BEHAVIORS = ("pv", "cart", "fav", "buy")
@@ -150,29 +150,16 @@ def _fields(line: bytes) -> tuple[bytes, ...]:
 def _define_flags() -> None:
     """The CLI flags; defined only when run as a program, so importing `prepare` defines none."""
     flags.DEFINE_string("behaviors", None, "UserBehavior.csv (optionally .gz).", required=True)
-    flags.DEFINE_string("out_dir", None, "Directory for the sample files and vocabularies.", required=True)
     flags.DEFINE_list("behavior", ["pv"], f"Behaviour types that are positives, comma-separated, of {BEHAVIORS}.")
     flags.register_validator("behavior", lambda chosen: bool(chosen) and set(chosen) <= set(BEHAVIORS),
                              message=f"--behavior takes a comma-separated list of {', '.join(BEHAVIORS)}")
-    flags.DEFINE_integer("seed", 3, "Seed of the negative sampling and the train/test split.")
-    flags.DEFINE_float("test_fraction", 0.1, "Probability that a user's pair goes to the test file.",
-                       lower_bound=0.0, upper_bound=1.0)
-    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
-                      "On a malformed line: stop with an error, or count and skip it.")
+    cli.define_common_flags()
 
 
 def main(argv: list[str]) -> None:
     """Prepares one UserBehavior file and prints the counts; a DataError is one line on stderr, status 1."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    args = flags.FLAGS
-    try:
-        stats = prepare(args.behaviors, args.out_dir, behavior=args.behavior, seed=args.seed,
-                        test_fraction=args.test_fraction, on_bad_line=args.on_bad_line)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(_summary(stats))
+    cli.run(argv, lambda args: prepare(args.behaviors, args.out_dir, behavior=args.behavior, seed=args.seed,
+                                       test_fraction=args.test_fraction, on_bad_line=args.on_bad_line))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""What every preparation command shares: the common flags, the summary table, one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable
+
+from absl import app, flags
+
+from input_pipeline.errors import DataError
+
+
+def define_common_flags() -> None:
+    """--out_dir, --seed, --test_fraction and --on_bad_line, as every converter takes them."""
+    flags.DEFINE_string("out_dir", None, "Directory for the sample files and vocabularies.", required=True)
+    flags.DEFINE_integer("seed", 3, "Seed of the negative sampling and the train/test split.")
+    flags.DEFINE_float("test_fraction", 0.1, "Probability that a user's pair goes to the test file.",
+                       lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
+                      "On a malformed line: stop with an error, or count and skip it.")
+
+
+def summary(stats: Any) -> str:
+    """A two-column table of a stats dataclass's fields."""
+    cells = [(field.name, _cell(getattr(stats, field.name))) for field in dataclasses.fields(stats)]
+    width = max(len(name) for name, _ in cells)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in cells)
+
+
+def _cell(value: int | float | tuple[str, ...]) -> str:
+    """One value of the summary table."""
+    if isinstance(value, tuple):
+        return ", ".join(value) or "-"
+    return f"{value:.2f}" if isinstance(value, float) else f"{value:,}"
+
+
+def run(argv: list[str], prepare: Callable[[Any], Any]) -> None:
+    """Runs prepare(flags) and prints its summary; a DataError is one line on stderr and exit status 1."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        stats = prepare(flags.FLAGS)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(summary(stats))
