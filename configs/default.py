@@ -55,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.adagrad_decay_rate = 0.9       # adagraddecay: accumulator_decay_rate
     config.clip_norm = 5.0          # per-tensor tf.clip_by_norm, as DeepRec's DIN
     config.sparse_embeddings = True # update only the embedding rows a step touches (False: whole tables)
+    # Split each embedding table's rows (and their optimizer slots) over the devices of the run, so a table
+    # larger than one device's memory trains (seed --input_layer_partitioner); needs sparse_embeddings.
+    config.shard_embeddings = False
     config.micro_batch = 0          # seed --micro_batch: accumulate gradients over N slices of a batch (0/1 off)
     config.smartstaged = True       # seed --smartstaged: prepare and transfer next batches in a background thread
     config.prefetch_depth = 2       # batches kept ready by that thread

@@ -59,6 +59,9 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
     if config.optimizer == "adamasync" and not config.sparse_embeddings:
         raise ConfigError("config.optimizer='adamasync' updates embedding rows lazily and needs "
                           "config.sparse_embeddings=True")
+    if config.shard_embeddings and not config.sparse_embeddings:
+        raise ConfigError("config.shard_embeddings=True updates the touched rows of each table shard and needs "
+                          "config.sparse_embeddings=True")
     if config.dataset == "dien" and not config.data_dir:
         raise ConfigError("config.dataset='dien' needs --config.data_dir pointing at a prepared DIEN directory "
                           "(python -m input_pipeline.amazon --out_dir DIR)")

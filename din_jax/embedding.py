@@ -62,6 +62,17 @@ def scatter_rows(table: Array, ids: Array, rows: Array) -> Array:
     return table.at[ids].set(rows.astype(table.dtype), mode="drop", unique_indices=True)
 
 
+def owned_ids(ids: Array, rows_per_shard: int, axis_name: str) -> Array:
+    """Global row ids -> indices into this shard's rows of a table split over `axis_name` (others: out of range)."""
+    local = ids - jax.lax.axis_index(axis_name) * rows_per_shard
+    return jnp.where((local >= 0) & (local < rows_per_shard), local, rows_per_shard)
+
+
+def gather_sharded_rows(shard: Array, ids: Array, axis_name: str) -> Array:
+    """table[ids] of a table split by rows over `axis_name`: each shard reads the rows it owns, a psum joins them."""
+    return jax.lax.psum(gather_rows(shard, owned_ids(ids, shard.shape[0], axis_name)), axis_name)
+
+
 def embedded_from_rows(rows: Mapping[str, Array], lookups: Mapping[str, RowLookup],
                        batch: Mapping[str, Array]) -> dict[str, Array]:
     """The model's embedded inputs (uid [B, E], item [B, D], keys [P, D], segment [P]) from gathered rows."""

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -25,8 +25,8 @@ from tqdm import tqdm
 from din_jax import checkpoint as checkpoint_lib
 from din_jax import config_check, parallel
 from din_jax.metrics import StreamingMetrics
-from din_jax.embedding import (TABLES, RowLookup, embedded_from_rows, gather_rows, scatter_rows, split_tables,
-                               touched_ids)
+from din_jax.embedding import (TABLES, RowLookup, embedded_from_rows, gather_rows, gather_sharded_rows, owned_ids,
+                               scatter_rows, split_tables, touched_ids)
 from din_jax.model import DIN
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from din_jax.packing import pack_history, packed_size
@@ -82,12 +82,19 @@ def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
             "weight": np.ones([batch_size], np.float32), "user": ids}
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer: Optimizer) -> TrainState:
-    """Parameters initialised as the seed's TF1 graph does, from `config.seed`, and fresh optimizer slots."""
+def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer: Optimizer,
+                       table_shards: int = 1) -> TrainState:
+    """Parameters initialised as the seed's TF1 graph does, from `config.seed`, and fresh optimizer slots.
+
+    table_shards: the tables' rows are padded with zero rows (never looked up) to a multiple of it.
+    """
     # Initialise in fp32 and cast, so every precision starts from the same numbers.
     fp32_model = model.clone(dtype=jnp.float32, param_dtype=jnp.float32)
     variables = fp32_model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
     params = jax.tree.map(lambda p: p.astype(model.param_dtype), variables["params"])
+    for name in TABLES:
+        table = params[name]
+        params[name] = jnp.pad(table, ((0, -table.shape[0] % table_shards), (0, 0)))
     if config.sparse_embeddings:
         tables, dense = split_tables(params)
         slots = {name: optimizer.rows.init(table) for name, table in tables.items()}
@@ -149,8 +156,26 @@ def global_row_lookups(batch: Batch, table_sizes: dict[str, int], axis_name: str
     return lookups
 
 
-def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, axis_name: str, state: TrainState,
-               batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+def state_specs(state: TrainState, axis_name: str, shard_tables: bool) -> Any:
+    """The PartitionSpec of every leaf of `state`: tables and their row slots split over `axis_name` by rows
+    when `shard_tables`, everything else replicated."""
+    specs = jax.tree.map(lambda _: P(), state)
+    if not shard_tables:
+        return specs
+    rows = P(axis_name)
+    params = {**specs.params, **{name: rows for name in TABLES}}
+    opt_state = {**specs.opt_state, "rows": jax.tree.map(lambda _: rows, state.opt_state["rows"])}
+    return specs.replace(params=params, opt_state=opt_state)
+
+
+def _table_stand_ins(model: DIN, tables: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Unread (compiled away) arrays of the model's table shapes, for applying DIN.from_embedded without the tables."""
+    return {name: jnp.broadcast_to(jnp.zeros([], t.dtype), (model.vocab_sizes[name.removesuffix("_table")],
+                                                             t.shape[1])) for name, t in tables.items()}
+
+
+def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, axis_name: str, table_shards: int,
+               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the global batch, gradients accumulated over `micro_batch` slices; returns state and loss.
 
     Runs inside shard_map over the mesh's `axis_name`: `batch` is this device's shard, and the state
@@ -159,6 +184,9 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     same update, equal to one device's update on the whole batch.
     sparse: gradients w.r.t. the gathered embedding rows, and only those rows (and their optimizer
     slots) updated; else gradients w.r.t. whole tables (the O(vocabulary) reference path).
+    table_shards: 0 when tables are replicated; else (sparse only) each device holds the table_shards-th
+    part of every table's rows and row slots: it gathers the touched rows it owns, a psum gives every
+    device all of them, and each device writes back only the updated rows it owns.
     """
     n = max(micro_batch, 1)
     # The loss is the mean over the whole global batch.
@@ -166,15 +194,21 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     tables, dense = split_tables(state.params)
 
     if sparse:
-        lookups = global_row_lookups(batch, {k: v.shape[0] for k, v in tables.items()}, axis_name)
-        variables_in = (dense, {k: gather_rows(tables[k], lookups[k].ids) for k in tables})
+        lookups = global_row_lookups(batch, {k: v.shape[0] * max(table_shards, 1) for k, v in tables.items()},
+                                     axis_name)
+        if table_shards:
+            variables_in = (dense, {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables})
+            table_params = _table_stand_ins(model, tables)
+        else:
+            variables_in = (dense, {k: gather_rows(tables[k], lookups[k].ids) for k in tables})
+            table_params = tables
         micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n))
 
         def forward(diff, data, batch_stats):
             dense_params, rows = diff
             micro, inverses = data
             embedded = embedded_from_rows(rows, {k: RowLookup(lookups[k].ids, inverses[k]) for k in rows}, micro)
-            variables = {"params": {**dense_params, **tables}, "batch_stats": batch_stats}
+            variables = {"params": {**dense_params, **table_params}, "batch_stats": batch_stats}
             return model.apply(variables, embedded, micro["weight"], True, method=DIN.from_embedded,
                                mutable=["batch_stats"])
     else:
@@ -209,7 +243,8 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
         new_params = dict(optax.apply_updates(dense, dense_updates))
         new_rows_slots, new_table_slots = {}, {}
         for name, table in tables.items():
-            ids = lookups[name].ids
+            # Sharded: this device's own rows (others -> out of range: slots read clipped, writes dropped).
+            ids = owned_ids(lookups[name].ids, table.shape[0], axis_name) if table_shards else lookups[name].ids
             slot_rows = {k: v.at[ids].get(mode="clip") for k, v in state.opt_state["rows"][name].items()}
             rows, slot_rows, new_table_slots[name] = optimizer.rows.update(
                 variables_in[1][name], clip_tensor(row_grads[name], optimizer.clip_norm), slot_rows,
@@ -228,6 +263,17 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
 def eval_step(model: DIN, state: TrainState, batch: Batch) -> jax.Array:
     """Click probabilities [B] for `batch` (fp32)."""
     logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch)
+    return jax.nn.sigmoid(logits)
+
+
+def sharded_eval_step(model: DIN, axis_name: str, shards: int, state: TrainState, batch: Batch) -> jax.Array:
+    """eval_step inside shard_map with tables split in `shards` by rows over `axis_name`: gathers only touched rows."""
+    tables, dense = split_tables(state.params)
+    lookups = global_row_lookups(batch, {k: v.shape[0] * shards for k, v in tables.items()}, axis_name)
+    rows = {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables}
+    variables = {"params": {**dense, **_table_stand_ins(model, tables)}, "batch_stats": state.batch_stats}
+    logits, _ = model.apply(variables, embedded_from_rows(rows, lookups, batch), batch["weight"],
+                            method=DIN.from_embedded)
     return jax.nn.sigmoid(logits)
 
 
@@ -344,11 +390,18 @@ class Trainer:
     pack_granularity: int  # 0: no packing
     mesh: Mesh
     pack_floor: int = 0    # smallest packed size: set by the loop so an epoch has one shape
+    shard_tables: bool = False  # tables and their row slots split over `data` by rows (config.shard_embeddings)
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
-        """A fresh train state from `config.seed`, replicated on every device of the mesh."""
-        state = create_train_state(config, self.model, self.optimizer)
-        return jax.device_put(state, parallel.replicated(self.mesh))
+        """A fresh train state from `config.seed`: replicated on every device, or with tables split by rows."""
+        if not self.shard_tables:
+            return jax.device_put(create_train_state(config, self.model, self.optimizer),
+                                  parallel.replicated(self.mesh))
+        # Created by a jitted function straight into its shardings: no device holds a whole table.
+        create = functools.partial(create_train_state, config, self.model, self.optimizer, self.mesh.size)
+        specs = state_specs(jax.eval_shape(create), parallel.DATA_AXIS, True)
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
+        return jax.jit(create, out_shardings=shardings)()
 
     def pack_size(self, lengths: np.ndarray, batch_size: int, width: int) -> int:
         """The packed history size of every shard of a global batch: its fullest shard's, at least pack_floor.
@@ -400,15 +453,21 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     optimizer = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm,
                                  decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate)
     axis = parallel.DATA_AXIS
-    step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis)
-    predict = lambda state, batch: jax.lax.all_gather(eval_step(model, state, batch), axis, tiled=True)  # noqa: E731
-    # State in and out replicated (P()), batches split over `data`; every collective is explicit in the steps.
-    shard = functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(axis)), check_vma=False)
-    jit_train_step = jax.jit(shard(step, out_specs=(P(), P())), donate_argnums=(0,))
+    sharded = bool(config.shard_embeddings)
+    step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis,
+                             mesh.size if sharded else 0)
+    probs = (functools.partial(sharded_eval_step, model, axis, mesh.size) if sharded
+             else functools.partial(eval_step, model))
+    predict = lambda state, batch: jax.lax.all_gather(probs(state, batch), axis, tiled=True)  # noqa: E731
+    # State replicated (P()) but for sharded tables, batches split over `data`; every collective is explicit.
+    specs = state_specs(jax.eval_shape(functools.partial(create_train_state, config, model, optimizer)), axis,
+                        True) if sharded else P()
+    shard = functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, P(axis)), check_vma=False)
+    jit_train_step = jax.jit(shard(step, out_specs=(specs, P())), donate_argnums=(0,))
     jit_eval_step = jax.jit(shard(predict, out_specs=P()))
     # Packing and micro-batches do not mix (micro-batches split examples, packing splits positions).
     granularity = config.pack_granularity if config.micro_batch <= 1 else 0
-    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh)
+    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

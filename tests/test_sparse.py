@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import default
 from din_jax import train
@@ -124,3 +125,24 @@ def test_precisions_train_and_keep_loss_in_fp32(precision):
     assert probs.dtype == np.float32
     fp32 = train_params(config_for(), stream)
     assert np.abs(np.asarray(state.params["logit"]["kernel"], np.float32) - fp32["logit"]["kernel"]).max() < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "adagraddecay"])
+def test_sharded_tables_equal_replicated_tables(optimizer):
+    stream = batches(4, seed=4)
+    results = []
+    for shard in (False, True):
+        config = config_for(optimizer=optimizer, adagrad_decay_step=2, shard_embeddings=shard, micro_batch=2)
+        trainer = train.create_trainer(config, VOCAB)
+        state = trainer.init_state(config)
+        assert state.params["mid_table"].sharding.spec == (P("data") if shard else P())
+        for batch in stream:
+            state, _ = trainer.train_step(state, batch)
+        results.append((jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.opt_state),
+                        np.asarray(trainer.eval_step(state, stream[0]))))
+    (params, slots, probs), (sharded_params, sharded_slots, sharded_probs) = results
+    real = stream[0]["weight"] > 0
+    np.testing.assert_array_equal(sharded_probs[real], probs[real])
+    for name, (left, right) in {"params": (params, sharded_params), "slots": (slots, sharded_slots)}.items():
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(left)[0], jax.tree.leaves(right)):
+            np.testing.assert_array_equal(a, b[:len(a)] if a.ndim else b, err_msg=name + jax.tree_util.keystr(path))

@@ -90,6 +90,10 @@ def test_bad_config_and_missing_data_are_one_sentence_errors(tmp_path):
         config = small_config(str(tmp_path))
         config.model.batch_norm = "moving"
         train.train_and_evaluate(config, str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"config.shard_embeddings=True .* needs config.sparse_embeddings=True"):
+        config = small_config(str(tmp_path))
+        config.update(dict(shard_embeddings=True, sparse_embeddings=False))
+        train.train_and_evaluate(config, str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"no such data directory; prepare one with `python -m input_pipeline.amazon"):
         train.train_and_evaluate(small_config(str(tmp_path / "missing"), dataset="dien"), str(tmp_path / "run"))
 
