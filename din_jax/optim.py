@@ -98,8 +98,9 @@ def adam_async(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: fl
     """
 
     def init_fn(params):
-        ones = jax.tree.map(lambda p: jnp.ones([], jnp.float32), params)
-        return AdamAsyncState(ones, ones, _zeros32(params), _zeros32(params))
+        ones = lambda: jax.tree.map(lambda p: jnp.ones([], jnp.float32), params)  # noqa: E731
+        # Two distinct trees: one buffer in two places cannot be donated to the jitted step.
+        return AdamAsyncState(ones(), ones(), _zeros32(params), _zeros32(params))
 
     def update_fn(updates, state, params=None):
         del params

@@ -146,3 +146,14 @@ def test_sharded_tables_equal_replicated_tables(optimizer):
     for name, (left, right) in {"params": (params, sharded_params), "slots": (slots, sharded_slots)}.items():
         for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(left)[0], jax.tree.leaves(right)):
             np.testing.assert_array_equal(a, b[:len(a)] if a.ndim else b, err_msg=name + jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamasync", "adagrad", "adagraddecay"])
+def test_every_optimizer_trains_several_donated_steps(optimizer):
+    """Each optimizer's state can be donated step after step (no buffer shared between two slots)."""
+    config = config_for(optimizer=optimizer)
+    trainer = train.create_trainer(config, VOCAB)
+    state = trainer.init_state(config)
+    for batch in batches(3, seed=4):
+        state, metrics = trainer.train_step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 3
