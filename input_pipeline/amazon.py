@@ -162,6 +162,18 @@ class _Malformed(ValueError):
     """A line that cannot be used; the message says what is wrong with it."""
 
 
+def checked_fields(line: bytes, separator: bytes, spec: tuple[tuple[str, bytes, str], ...],
+                   layout: str) -> tuple[bytes, ...]:
+    """The fields of a delimited line, each matched against its (name, regex, description) in `spec`."""
+    fields = line.split(separator)
+    if len(fields) != len(spec):
+        raise _Malformed(f"has {len(fields)} fields, not {len(spec)} ({layout})")
+    for field, (name, pattern, kind) in zip(fields, spec):
+        if not re.fullmatch(pattern, field):
+            raise _Malformed(f"{name} {field.decode('latin-1')!r} is not {kind}")
+    return tuple(fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Reviews:
     """Review columns in file order; uid and item are codes into the token lists."""

@@ -39,8 +39,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from input_pipeline.amazon import (DEFAULT_CAT, _checked, _first_categories, _item_categories, _Malformed,
-                                   _pairs, _parse_lines, _read, _review_columns, _write_outputs)
+from input_pipeline.amazon import (DEFAULT_CAT, _checked, _first_categories, _item_categories, _Malformed, _pairs,
+                                   _parse_lines, _read, _review_columns, _write_outputs, checked_fields)
 from input_pipeline import cli
 from input_pipeline.errors import bad_file, bad_line
 from input_pipeline.textio import open_lines
@@ -162,13 +162,7 @@ def _rating_rows(path: str, numbers: list[int], lines: list[bytes], skip: bool, 
 
 def _rating_fields(line: bytes, *, layout: str) -> tuple[bytes, ...]:
     """(user, movie, rating, timestamp) of one rating line; says what is wrong with a bad one."""
-    fields = line.split(_RATINGS_SEPARATOR[layout])
-    if len(fields) != len(_RATING_FIELDS):
-        raise _Malformed(f"has {len(fields)} fields, not {len(_RATING_FIELDS)} ({_RATINGS_LAYOUT[layout]})")
-    for field, (name, pattern, kind) in zip(fields, _RATING_FIELDS):
-        if not re.fullmatch(pattern, field):
-            raise _Malformed(f"{name} {field.decode('latin-1')!r} is not {kind}")
-    return tuple(fields)
+    return checked_fields(line, _RATINGS_SEPARATOR[layout], _RATING_FIELDS, _RATINGS_LAYOUT[layout])
 
 
 def _movie_fields(line: bytes, *, layout: str) -> tuple[bytes, bytes | None]:

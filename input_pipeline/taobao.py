@@ -36,7 +36,7 @@ from typing import Iterable
 import numpy as np
 from absl import app, flags
 
-from input_pipeline.amazon import _Malformed, _pairs, _parse_lines, _read, _Reviews, _write_outputs
+from input_pipeline.amazon import checked_fields, _pairs, _parse_lines, _read, _Reviews, _write_outputs
 from input_pipeline import cli
 from input_pipeline.errors import bad_file
 from input_pipeline.textio import open_lines
@@ -134,13 +134,7 @@ def _positive_rows(path: str, numbers: list[int], lines: list[bytes], skip: bool
 
 def _fields(line: bytes) -> tuple[bytes, ...]:
     """The five fields of one behaviour line; says what is wrong with a bad one."""
-    fields = line.split(b",")
-    if len(fields) != len(_FIELDS):
-        raise _Malformed(f"has {len(fields)} fields, not {len(_FIELDS)} ({_LAYOUT})")
-    for field, (name, pattern, kind) in zip(fields, _FIELDS):
-        if not re.fullmatch(pattern, field):
-            raise _Malformed(f"{name} {field.decode('latin-1')!r} is not {kind}")
-    return tuple(fields)
+    return checked_fields(line, b",", _FIELDS, _LAYOUT)
 
 
 # ---------------------------------------------------------------------------------------------
