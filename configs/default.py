@@ -59,6 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
     # larger than one device's memory trains (seed --input_layer_partitioner); needs sparse_embeddings.
     config.shard_embeddings = False
     config.micro_batch = 0          # seed --micro_batch: accumulate gradients over N slices of a batch (0/1 off)
+    # Seed --workqueue: units of each epoch (one batch shard each) go to whichever process asks first, so a
+    # slow reader trains fewer; every example still once per epoch. A process whose next batch is not ready
+    # within workqueue_wait_ms contributes an empty share to that step instead of holding the others up.
+    config.workqueue = False
+    config.workqueue_wait_ms = 100
     config.smartstaged = True       # seed --smartstaged: prepare and transfer next batches in a background thread
     config.prefetch_depth = 2       # batches kept ready by that thread
     config.precision = "fp32"       # seed --bf16: fp32 | mixed_bf16 (bf16 compute, fp32 weights) | bf16

@@ -23,7 +23,7 @@ _CHOICES = {
 }
 _POSITIVE = ("prefetch_depth", "adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
              "keep_checkpoint_max", "model.embedding_dim")
-_NON_NEGATIVE = ("pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
+_NON_NEGATIVE = ("workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -62,6 +62,10 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
     if config.shard_embeddings and not config.sparse_embeddings:
         raise ConfigError("config.shard_embeddings=True updates the touched rows of each table shard and needs "
                           "config.sparse_embeddings=True")
+    if config.workqueue and tuple(config.bucket_boundaries):
+        raise ConfigError("config.workqueue=True hands out units of shuffled examples and does not combine with "
+                          "config.bucket_boundaries (length-grouped batches); set bucket_boundaries=() "
+                          "(packing already skips padded positions)")
     if config.dataset == "dien" and not config.data_dir:
         raise ConfigError("config.dataset='dien' needs --config.data_dir pointing at a prepared DIEN directory "
                           "(python -m input_pipeline.amazon --out_dir DIR)")

@@ -166,6 +166,32 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def gather_host(value: np.ndarray) -> np.ndarray:
+    """This process's numpy array (same shape in every process) -> [processes, ...] of all of them, on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(value)[None]
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value), tiled=False))
+
+
+class _CoordinatorCounter:
+    """A workqueue.Counter kept in the coordinator's key-value store: atomic across the run's processes."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def increment(self, key: str) -> int:
+        return self._client.key_value_increment(f"din_jax/counter/{key}", 1) - 1
+
+
+def shared_counter() -> Any:
+    """A counter every process of the run shares (input_pipeline.workqueue.Counter)."""
+    from input_pipeline.workqueue import LocalCounter
+    if jax.process_count() == 1:
+        return LocalCounter()
+    from jax._src import distributed  # the client jax.distributed.initialize connected; no public accessor
+    return _CoordinatorCounter(distributed.global_state.client)
+
+
 def primary_first(name: str, fn: Callable[[], T]) -> T:
     """fn() on process 0, then on the others: shared files (prepared data, caches) are written once."""
     if jax.process_count() == 1:

@@ -21,6 +21,7 @@ class Prefetcher:
     def __init__(self, batches: Iterator[dict], prepare: Callable[[dict], dict], depth: int = 2):
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
+        self._ended = False
         self._thread = threading.Thread(target=self._fill, args=(batches, prepare), daemon=True,
                                         name="din_jax-prefetch")
         self._thread.start()
@@ -46,12 +47,29 @@ class Prefetcher:
 
     def __next__(self) -> tuple[dict, Any]:
         """(the numpy batch, its prepared device copy)."""
-        item = self._queue.get()
+        item = self.next_within(None)
+        assert item is not None
+        return item
+
+    def next_within(self, timeout: float | None) -> tuple[dict, Any] | None:
+        """The next item if one is ready within `timeout` seconds (None: wait), else None; StopIteration at the end."""
+        if self._ended:
+            raise StopIteration
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
         if item is _DONE:
+            self._ended = True
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
+
+    def at_end(self) -> bool:
+        """Whether the input has ended and every item has been taken."""
+        with self._queue.mutex:
+            return self._ended or (len(self._queue.queue) > 0 and self._queue.queue[0] is _DONE)
 
     def close(self) -> None:
         """Stops the thread (it may be blocked on a full queue)."""

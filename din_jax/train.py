@@ -27,6 +27,7 @@ from din_jax import config_check, parallel
 from din_jax.metrics import StreamingMetrics
 from din_jax.embedding import (TABLES, RowLookup, embedded_from_rows, gather_rows, gather_sharded_rows, owned_ids,
                                scatter_rows, split_tables, touched_ids)
+from din_jax.feed import QUEUE_DONE, WorkQueueFeed
 from din_jax.model import DIN
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from din_jax.packing import pack_history, packed_size
@@ -190,7 +191,8 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     """
     n = max(micro_batch, 1)
     # The loss is the mean over the whole global batch.
-    total_weight = jnp.maximum(jax.lax.psum(jnp.sum(batch["weight"]), axis_name), 1.0)
+    examples = jax.lax.psum(jnp.sum(batch["weight"]), axis_name)
+    total_weight = jnp.maximum(examples, 1.0)
     tables, dense = split_tables(state.params)
 
     if sparse:
@@ -257,7 +259,27 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
         updates, dense_opt = optimizer.dense.update(grads, state.opt_state["dense"], state.params)
         new_params, opt_state = optax.apply_updates(state.params, updates), {"dense": dense_opt}
     new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss}
+    if QUEUE_DONE not in batch:
+        return new_state, {"loss": loss}
+    # Work queue: a step may hold no example at all (every process's share empty); it must change nothing.
+    # Table rows are untouched then (no ids), so only the small leaves need the select.
+    new_state = _unless_empty(examples > 0, new_state, state, sparse)
+    return new_state, {"loss": loss, "examples": examples,
+                       "queue_done": jax.lax.psum(batch[QUEUE_DONE][0], axis_name)}
+
+
+def _unless_empty(active: jax.Array, new: TrainState, old: TrainState, sparse: bool) -> TrainState:
+    """`new` where the step had examples, else `old`, selecting every leaf but embedding tables and their row slots."""
+    pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)  # noqa: E731
+    if not sparse:
+        return pick(new, old)
+    new_tables, new_dense = split_tables(new.params)
+    _, old_dense = split_tables(old.params)
+    opt_state = {**pick({k: v for k, v in new.opt_state.items() if k != "rows"},
+                        {k: v for k, v in old.opt_state.items() if k != "rows"}),
+                 "rows": new.opt_state["rows"]}
+    return new.replace(step=pick(new.step, old.step), params={**pick(new_dense, old_dense), **new_tables},
+                       batch_stats=pick(new.batch_stats, old.batch_stats), opt_state=opt_state)
 
 
 def eval_step(model: DIN, state: TrainState, batch: Batch) -> jax.Array:
@@ -348,6 +370,79 @@ def _pack_floor(split: dien.EncodedSplit, config: ml_collections.ConfigDict, tra
                                   boundaries=tuple(config.bucket_boundaries))
     return max((trainer.pack_size(split.hist_lengths[indices], config.batch_size, width) for indices, width in plan),
                default=0)
+
+
+class _PlanSource:
+    """Each step's input from the epoch plans: this process's fixed share of every global batch (deterministic)."""
+
+    finished = False  # the loop's step count ends the run
+
+    def __init__(self, split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer,
+                 first_step: int):
+        items = _train_items(split, config, trainer, first_step)
+        prepare = lambda item: trainer.prepare(item.batch, item.pack_size)  # noqa: E731
+        self._batches: Iterator[tuple[_Item, Batch]] = (
+            Prefetcher(items, prepare, config.prefetch_depth) if config.smartstaged
+            else ((item, prepare(item)) for item in items))
+
+    def next(self) -> tuple[int, Batch]:
+        """(examples in the whole global batch, this process's prepared share)."""
+        item, prepared = next(self._batches)
+        return item.examples, prepared
+
+    def after_step(self, step_metrics: dict[str, jax.Array], examples: int) -> tuple[int, bool]:
+        """(examples the step trained, whether it counted as a step)."""
+        return examples, True
+
+    def checkpoint_extra(self) -> dict[str, np.ndarray]:
+        return {}  # the position is the step itself
+
+    def close(self) -> None:
+        if isinstance(self._batches, Prefetcher):
+            self._batches.close()
+
+
+class _WorkQueueSource:
+    """Each step's input from the run's work queue (config.workqueue): units go to whichever process asks first.
+
+    A checkpoint records the epoch and which of its units have been trained, so a resumed run hands
+    out only the others.
+    """
+
+    def __init__(self, split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer,
+                 first_step: int, extra: dict[str, np.ndarray]):
+        self._split, self._config, self._trainer, self._first_step = split, config, trainer, first_step
+        self.finished = False
+        self._feed = self._open(int(extra.get("workqueue_epoch", 0)), extra.get("workqueue_trained"))
+        self._contribution = None
+
+    def _open(self, epoch: int, trained: np.ndarray | None = None) -> WorkQueueFeed:
+        # Queue names are unique within the run (its first step and the epoch): every process uses the same.
+        return WorkQueueFeed(self._split, self._config, self._trainer, epoch=epoch, name=f"{self._first_step}/{epoch}",
+                             done_units=trained, wait_seconds=self._config.workqueue_wait_ms / 1000)
+
+    def next(self) -> tuple[int, Batch]:
+        self._contribution, prepared = self._feed.next()
+        return self._contribution.examples, prepared
+
+    def after_step(self, step_metrics: dict[str, jax.Array], examples: int) -> tuple[int, bool]:
+        """Reads the step's example count and done flags (waits for the step); opens the next epoch's queue."""
+        examples = int(step_metrics["examples"])
+        self._feed.record(self._contribution)
+        if int(step_metrics["queue_done"]) == self._trainer.mesh.size:  # every process has finished the epoch
+            if self._config.steps:
+                self._feed.close()
+                self._feed = self._open(self._feed.epoch + 1)
+            else:
+                self.finished = True
+        return examples, examples > 0
+
+    def checkpoint_extra(self) -> dict[str, np.ndarray]:
+        """The epoch and its trained units (gathered from every process: all must call this at the same step)."""
+        return {"workqueue_epoch": np.array(self._feed.epoch), "workqueue_trained": self._feed.trained_units()}
+
+    def close(self) -> None:
+        self._feed.close()
 
 
 class _Profiler:
@@ -483,68 +578,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     wall_start = time.perf_counter()
     data = parallel.primary_first("load_data", lambda: load_data(config, workdir))
     trainer = create_trainer(config, data.vocabs.sizes, mesh)
+    if primary:  # what export and predict need to rebuild this model: the config and where its vocabularies are
+        _write_json(os.path.join(workdir, "config.json"), {"config": config.to_dict(), "data_dir": data.data_dir})
     state = trainer.init_state(config)
     checkpointer = checkpoint_lib.Checkpointer(config.checkpoint_dir or os.path.join(workdir, "checkpoints"),
                                                config.save_steps, config.keep_checkpoint_max)
-    restored = checkpointer.restore_latest(state)
+    restored = checkpointer.restore_latest_with_extra(state)
+    extra: dict[str, np.ndarray] = {}
     if restored is not None:
-        state = restored
+        state, extra = restored
         logging.info("Resumed from checkpoint at step %d", int(state.step))
 
     steps_per_epoch = batches_lib.num_train_batches(data.train, config.batch_size, config.max_seq_length,
                                                     tuple(config.bucket_boundaries))
-    total_steps = config.steps or steps_per_epoch
     first_step = int(state.step)
-    if trainer.pack_granularity:
+    if trainer.pack_granularity and not config.workqueue:
         trainer = dataclasses.replace(trainer, pack_floor=_pack_floor(data.train, config, trainer))
+    source = (_WorkQueueSource(data.train, config, trainer, first_step, extra) if config.workqueue
+              else _PlanSource(data.train, config, trainer, first_step))
+    total_steps = config.steps or (math.inf if config.workqueue else steps_per_epoch)
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
     profiler = _Profiler(config.timeline if primary else 0, os.path.join(workdir, "profile"), first_step)
-    logging.info("Data %s: %d train / %d test examples, vocabularies %s; %d steps of batch %d (%d per epoch) on "
-                 "%d process(es), %d device(s)", data.data_dir, len(data.train), len(data.test), data.vocabs.sizes,
-                 total_steps, config.batch_size, steps_per_epoch, jax.process_count(), mesh.size)
+    logging.info("Data %s: %d train / %d test examples, vocabularies %s; %s of batch %d (%d steps per epoch) on "
+                 "%d process(es), %d device(s)%s", data.data_dir, len(data.train), len(data.test), data.vocabs.sizes,
+                 "one epoch" if math.isinf(total_steps) else f"{total_steps} steps", config.batch_size, steps_per_epoch,
+                 jax.process_count(), mesh.size, ", work queue" if config.workqueue else "")
 
     compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, float("nan")
+    trained_examples = 0
     eval_metrics: dict[str, Any] = {}
-    items = _train_items(data.train, config, trainer, first_step)
-    prepare = lambda item: trainer.prepare(item.batch, item.pack_size)  # noqa: E731
-    batches: Iterator[tuple[_Item, Batch]]
-    if config.smartstaged:
-        batches = Prefetcher(items, prepare, config.prefetch_depth)
-    else:
-        batches = ((item, prepare(item)) for item in items)
-    progress = tqdm(total=total_steps, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not (config.progress_bar and primary))
+    progress = tqdm(total=steps_per_epoch if math.isinf(total_steps) else total_steps, initial=first_step,
+                    desc="train", unit="step", dynamic_ncols=True, disable=not (config.progress_bar and primary))
     timer = time.perf_counter()
-    for step in range(first_step, total_steps):
-        item, prepared = next(batches)
+    step = first_step
+    while step < total_steps and not source.finished:
+        examples, prepared = source.next()
         profiler.before(step)
         state, step_metrics = trainer.train_step(state, prepared, prepared=True)
         profiler.after(step, state.step)
+        examples, advanced = source.after_step(step_metrics, examples)
+        trained_examples += examples
         if step == first_step:  # the first step compiles: time it apart from throughput
             jax.block_until_ready(state.step)
             compile_seconds = time.perf_counter() - timer
             timer = time.perf_counter()
         else:
-            timed_samples += item.examples
+            timed_samples += examples
+        if not advanced:
+            continue  # an empty work-queue step changed nothing
+        step += 1
         progress.update(1)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == total_steps:
+        last = step == total_steps or source.finished
+        if step % config.log_every_steps == 0 or last:
             loss = float(step_metrics["loss"])
             timed_seconds = time.perf_counter() - timer
             rate = timed_samples / timed_seconds if timed_seconds > 0 else 0.0
             progress.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
             if writer:
-                writer.add_scalar("train/loss", loss, done)
-                writer.add_scalar("train/samples_per_sec", rate, done)
-        if not config.no_eval and config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-            _write_eval(writer, evaluate(trainer, state, data.test, config), done)
-        checkpointer.save(done, state)
+                writer.add_scalar("train/loss", loss, step)
+                writer.add_scalar("train/samples_per_sec", rate, step)
+        if not config.no_eval and config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
+            _write_eval(writer, evaluate(trainer, state, data.test, config), step)
+        if checkpointer.is_save_step(step):
+            checkpointer.save(step, state, extra=source.checkpoint_extra())
     jax.block_until_ready(state)
-    timed_seconds = time.perf_counter() - timer if total_steps > first_step else 0.0
+    timed_seconds = time.perf_counter() - timer if step > first_step else 0.0
     progress.close()
-    if isinstance(batches, Prefetcher):
-        batches.close()
-    checkpointer.save(int(state.step), state, force=True)
+    source.close()
+    if checkpointer.is_save_step(int(state.step), force=True):
+        checkpointer.save(int(state.step), state, force=True, extra=source.checkpoint_extra())
     checkpointer.close()
 
     if not config.no_eval:
@@ -555,10 +657,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
     if writer:
         writer.close()
-    summary = {"steps": int(state.step), "steps_this_run": total_steps - first_step,
+    summary = {"steps": int(state.step), "steps_this_run": int(state.step) - first_step,
                "samples_per_sec": timed_samples / timed_seconds if timed_seconds > 0 else None,
                "wall_seconds": time.perf_counter() - wall_start, "compile_seconds": compile_seconds,
-               "final_train_loss": loss, "processes": jax.process_count(), "devices": mesh.size}
+               "final_train_loss": loss, "processes": jax.process_count(), "devices": mesh.size,
+               "trained_examples": trained_examples}
     if primary:
         _write_json(os.path.join(workdir, "train_summary.json"), summary)
     return {"eval": eval_metrics, "train": summary}
