@@ -72,6 +72,28 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoint_max = 1
     config.timeline = 0             # profile N steps with jax.profiler (TensorBoard / Perfetto trace)
 
+    # --- DeepRec's embedding features (seed flags; din_jax/ev.py, din_jax/host_embeddings.py) ---------------
+    config.ev = False               # seed --ev: every feature an EmbeddingVariable keyed by raw ids (no vocabulary)
+    config.ev_capacity = 0          # rows per EmbeddingVariable table; 0 = the data's distinct ids of that feature
+    config.ev_filter = ""           # seed --ev_filter: '' | 'counter' | 'cbf' (own row after ev_filter_freq lookups)
+    config.ev_filter_freq = 3
+    config.ev_cbf_false_positive = 0.01
+    config.ev_elimination = ""      # seed --ev_elimination, applied at each checkpoint save: '' | 'gstep' | 'l2'
+    config.ev_steps_to_live = 4000  # gstep: drop ids not looked up in training for more steps than this
+    config.ev_l2_threshold = 1.0    # l2: drop ids whose 0.5 * |row|^2 is below this (DeepRec's L2 weight)
+    config.adaptive_emb = False     # seed --adaptive_emb (user feature): frequent ids own rows, rare ids share buckets
+    config.adaptive_hash_bucket_size = 100_000
+    config.adaptive_promote_freq = 3
+    config.multihash = False        # seed --multihash: quotient-remainder rows of two ~sqrt(N)-row tables
+    config.multihash_combiner = "add"  # 'add' | 'mul' | 'concat'
+    config.dynamic_ev = False       # seed --dynamic_ev: dimension blocks grow with an id's decayed frequency
+    config.dynamic_block_size = 6   # 18 = 3 blocks of 6
+    config.dynamic_thresholds = (5.0, 20.0)  # frequency at which an id gets its 2nd, 3rd block
+    config.dynamic_decay = 0.999    # per-step decay of the frequency
+    # Per feature: '' (follow the flags above) | 'dense' | 'ev' | 'adaptive' | 'multihash' | 'dynamic'.
+    config.embeddings = ml_collections.ConfigDict(dict(uid="", mid="", cat=""))
+    config.incremental_ckpt = 0.0   # seed --incremental_ckpt: seconds between changed-rows checkpoints (0 = off)
+
     # --- reporting --------------------------------------------------------------------------------
     config.log_every_steps = 50
     config.eval_every_steps = 0     # 0 = evaluate once at the end

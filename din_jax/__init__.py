@@ -8,3 +8,11 @@ import os as _os
 _FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
 if _FLAG not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=true").strip()
+
+
+def __getattr__(name: str):
+    """`din_jax.load_model`, imported on first use so that `import din_jax` stays light."""
+    if name == "load_model":
+        from din_jax.export import load_model
+        return load_model
+    raise AttributeError(f"module 'din_jax' has no attribute {name!r}")

@@ -1,16 +1,24 @@
-"""Orbax checkpoints of the train state: periodic saves (seed --save_steps), retention, resume.
+"""Orbax checkpoints of the train state: periodic saves (seed --save_steps), retention, resume, and the clean stop
+on SIGINT / SIGTERM that ends with one.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
 never destroys the last good checkpoint; `max_to_keep` deletes old steps only after a new one is final.
 Each step holds the train state (item 'default') and, next to it in the same atomic step, the host-side
 state of the run (item 'extra': numpy arrays such as the work queue's position or embedding id maps).
+A save that fails (full disk, lost permission) or a checkpoint that does not fit the config is a
+CheckpointError of one sentence; the existing checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
-from typing import Any, Mapping
+import re
+import signal
+import tempfile
+import threading
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -20,7 +28,84 @@ STATE_ITEM, EXTRA_ITEM = "default", "extra"
 
 
 class CheckpointError(Exception):
-    """A checkpoint cannot be written or does not fit this run's config; the message says what to do."""
+    """A run directory or checkpoint cannot be written, or a checkpoint does not fit this run's config; the message
+    says what to do."""
+
+
+class Interrupted(Exception):
+    """Training stopped at SIGINT or SIGTERM after checkpointing the step it reached; exit with 128 + `signum`."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask training to stop cleanly instead of killing it, from creation until restore().
+
+    The first signal only records itself in `received` (the loop checks it after each step, saves a
+    checkpoint and raises interrupted(): nothing is written from inside the handler); it also restores
+    the signals' default action, so a second SIGINT or SIGTERM aborts at once. Inactive when `enabled`
+    is False or outside the main thread (where Python cannot set handlers).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.received: int | None = None
+        active = enabled and threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if active else {}
+
+    def restore(self) -> None:
+        """Puts back the handlers there were before."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def interrupted(self, step: int, directory: str) -> Interrupted:
+        """The Interrupted to raise once the checkpoint of `step` is in `directory`."""
+        name = signal.Signals(self.received).name
+        return Interrupted(f"stopped by {name} at step {step}; checkpoint {directory}/{step} is saved - rerun the "
+                           "same command to resume", self.received)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint; "
+                    "send it again to abort without one\n".encode())
+
+
+def require_writable(directory: str, what: str) -> None:
+    """Creates `directory` if needed and writes (and removes) a file in it; if it cannot, a CheckpointError naming
+    `what`, the flag that chooses the directory."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write in {os.path.abspath(directory)} ({_os_reason(e)}); make it writable "
+                              f"or pass another {what}") from None
+
+
+def config_changes(config_file: str, config: Mapping[str, Any]) -> list[str]:
+    """'key: before -> now' for each field of `config` that differs from the run config saved in `config_file`
+    ({'config': ...}, as train.py writes it); [] when there is no readable file."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            before = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    now = json.loads(json.dumps(dict(config), default=float))  # tuples -> lists, as in the file
+    return [f"config.{key}: {old!r} -> {new!r}" for key, old, new in _differences(before, now, "")]
+
+
+def _differences(before: Any, now: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, now) of every leaf that differs between two nested dicts."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [d for key in sorted(set(before) | set(now), key=str)
+                for d in _differences(before.get(key), now.get(key), f"{prefix}{key}.")]
+    return [] if before == now else [(prefix.rstrip("."), before, now)]
 
 
 class Checkpointer:
@@ -47,8 +132,13 @@ class Checkpointer:
         restored = self.restore_latest_with_extra(state)
         return None if restored is None else restored[0]
 
-    def restore_latest_with_extra(self, state: Any) -> tuple[Any, dict[str, np.ndarray]] | None:
-        """(train state, host-side arrays saved with it) of the newest checkpoint, or None when there is none."""
+    def restore_latest_with_extra(self, state: Any, changes: Sequence[str] = ()
+                                  ) -> tuple[Any, dict[str, np.ndarray]] | None:
+        """(train state, host-side arrays saved with it) of the newest checkpoint, or None when there is none.
+
+        changes: the config fields changed since the run that wrote it (config_changes), named in the error
+        when it does not fit `state`.
+        """
         step = self.latest_step()
         if step is None:
             return None
@@ -59,9 +149,11 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
+            changed = f"; config changed since: {', '.join(changes[:6])}" if changes else ""
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not match this run's model or optimizer ({_first_line(e)}); "
-                "use the config it was trained with, or a new --workdir / --config.checkpoint_dir") from None
+                f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
+                f"({_mismatch(e)}){changed} - rerun with the config it was trained with, or use a new --workdir / "
+                "--config.checkpoint_dir") from None
         extra = restored.get(EXTRA_ITEM) if EXTRA_ITEM in items else None
         return restored[STATE_ITEM], ({} if extra is None else _unpack(np.asarray(extra["npz"])))
 
@@ -81,9 +173,14 @@ class Checkpointer:
             items[EXTRA_ITEM] = ocp.args.PyTreeSave({"npz": _pack(extra)})
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        except OSError as e:
-            raise CheckpointError(f"could not write checkpoint {step} in {self.directory} ({e.strerror}); "
-                                  "the previous checkpoints are intact - free space or fix permissions and rerun") from None
+        except (OSError, ValueError) as e:
+            reason = _os_reason(e)
+            if reason is None:
+                raise  # not an I/O error: a bug to see with its traceback
+            previous = self.latest_step()
+            kept = f"checkpoint {previous} is intact" if previous is not None else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write checkpoint {step} in {self.directory} ({reason}); {kept} - free "
+                                  "space or fix permissions, then rerun the same command to resume") from None
 
     def close(self) -> None:
         """Waits for pending writes and releases the manager."""
@@ -101,6 +198,22 @@ def _pack(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
 def _unpack(blob: np.ndarray) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(blob.tobytes()), allow_pickle=False) as archive:
         return {name: archive[name] for name in archive.files}
+
+
+def _os_reason(error: Exception) -> str | None:
+    """The operating system's words for an I/O error: an OSError, or tensorstore's ValueError that carries
+    `[os_error_code='28']`; None for any other error."""
+    if isinstance(error, OSError):
+        return error.strerror or (os.strerror(error.errno) if error.errno else _first_line(error))
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else None
+
+
+def _mismatch(error: Exception) -> str:
+    """What does not fit, in short: 'stored shape (144, 80), this config's (64, 80)' when orbax names shapes."""
+    shapes = re.search(r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))",
+                       str(error))
+    return f"stored shape {shapes.group(2)}, this config's {shapes.group(1)}" if shapes else _first_line(error)
 
 
 def _first_line(error: Exception) -> str:

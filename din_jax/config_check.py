@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from din_jax.host_embeddings import KIND_CHOICES, table_kinds
 from din_jax.model import ATTENTION_MODES
 from din_jax.optim import OPTIMIZERS
 
@@ -20,10 +21,17 @@ _CHOICES = {
     "model.batch_norm": ("frozen", "batch", "none"),
     "model.activation": ("relu", "dice"),
     "model.attention": ATTENTION_MODES,
+    "ev_filter": ("", "counter", "cbf"),
+    "ev_elimination": ("", "gstep", "l2"),
+    "multihash_combiner": ("add", "mul", "concat"),
+    "embeddings.uid": KIND_CHOICES,
+    "embeddings.mid": KIND_CHOICES,
+    "embeddings.cat": KIND_CHOICES,
 }
 _POSITIVE = ("prefetch_depth", "adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
-             "keep_checkpoint_max", "model.embedding_dim")
-_NON_NEGATIVE = ("workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
+             "keep_checkpoint_max", "model.embedding_dim", "ev_filter_freq", "adaptive_hash_bucket_size",
+             "adaptive_promote_freq", "dynamic_block_size", "dynamic_decay")
+_NON_NEGATIVE = ("ev_capacity", "ev_steps_to_live", "incremental_ckpt", "workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -66,6 +74,30 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
         raise ConfigError("config.workqueue=True hands out units of shuffled examples and does not combine with "
                           "config.bucket_boundaries (length-grouped batches); set bucket_boundaries=() "
                           "(packing already skips padded positions)")
+    kinds = table_kinds(config)
+    special = sorted({kind for kind in kinds.values() if kind != "dense"})
+    if special and not config.sparse_embeddings:
+        raise ConfigError(f"embedding kinds {special} update looked-up rows only and need config.sparse_embeddings=True")
+    if special and config.shard_embeddings:
+        raise ConfigError(f"embedding kinds {special} do not combine with config.shard_embeddings=True yet; "
+                          "turn one of them off")
+    stateful = sorted({kind for kind in kinds.values() if kind not in ("dense", "multihash")})
+    if stateful and config.workqueue:
+        raise ConfigError(f"embedding kinds {stateful} map ids in step order from whole global batches, which the "
+                          "work queue does not give every process; set config.workqueue=False")
+    if config.incremental_ckpt and (config.workqueue or config.shard_embeddings or not config.sparse_embeddings):
+        raise ConfigError("config.incremental_ckpt needs config.sparse_embeddings=True, and does not combine with "
+                          "config.workqueue or config.shard_embeddings")
+    if config.dynamic_ev or "dynamic" in kinds.values():
+        if config.model.embedding_dim % config.dynamic_block_size:
+            raise ConfigError(f"config.dynamic_block_size={config.dynamic_block_size} must divide "
+                              f"config.model.embedding_dim={config.model.embedding_dim}")
+    if config.ev_filter and not any(kind in ("ev", "dynamic") for kind in kinds.values()):
+        raise ConfigError(f"config.ev_filter={config.ev_filter!r} filters EmbeddingVariable features; none is one "
+                          "(set config.ev=True or config.embeddings.<feature>='ev')")
+    if config.multihash_combiner == "concat" and config.model.embedding_dim % 2 and "multihash" in kinds.values():
+        raise ConfigError(f"config.multihash_combiner='concat' joins two half rows; config.model.embedding_dim="
+                          f"{config.model.embedding_dim} must be even")
     if config.dataset == "dien" and not config.data_dir:
         raise ConfigError("config.dataset='dien' needs --config.data_dir pointing at a prepared DIEN directory "
                           "(python -m input_pipeline.amazon --out_dir DIR)")

@@ -13,14 +13,11 @@ from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from din_jax.model import history_positions
+from din_jax.model import BLOCKS, SECOND_ROW, TABLES, TableSpec, history_positions, lookup_columns
 
 Array = jax.Array
-
-# Table parameter name -> the batch columns that look it up.
-TABLES: dict[str, tuple[str, ...]] = {"uid_table": ("uid",), "mid_table": ("mid", "hist_mids"),
-                                      "cat_table": ("cat", "hist_cats")}
 
 
 class RowLookup(NamedTuple):
@@ -42,10 +39,12 @@ def touched_ids(batch: Mapping[str, Array], column: str, table_size: int) -> Arr
     return jnp.where(real_rows, batch[column], table_size)
 
 
-def row_lookups(batch: Mapping[str, Array], table_sizes: Mapping[str, int]) -> dict[str, RowLookup]:
+def row_lookups(batch: Mapping[str, Array], table_sizes: Mapping[str, int],
+                specs: Mapping[str, TableSpec] | None = None) -> dict[str, RowLookup]:
     """Unique touched ids and the inverse index of every lookup, per table (fixed shapes under jit)."""
     lookups = {}
-    for table, columns in TABLES.items():
+    for table in TABLES:
+        columns = lookup_columns(table, (specs or {}).get(table))
         ids = jnp.concatenate([touched_ids(batch, c, table_sizes[table]) for c in columns])
         unique, inverse = jnp.unique(ids, size=ids.shape[0], fill_value=table_sizes[table], return_inverse=True)
         lookups[table] = RowLookup(unique, inverse.reshape(-1))
@@ -74,20 +73,47 @@ def gather_sharded_rows(shard: Array, ids: Array, axis_name: str) -> Array:
 
 
 def embedded_from_rows(rows: Mapping[str, Array], lookups: Mapping[str, RowLookup],
-                       batch: Mapping[str, Array]) -> dict[str, Array]:
+                       batch: Mapping[str, Array], specs: Mapping[str, TableSpec] | None = None) -> dict[str, Array]:
     """The model's embedded inputs (uid [B, E], item [B, D], keys [P, D], segment [P]) from gathered rows."""
-    batch_size = batch["weight"].shape[0]
+    flat, segment = history_positions(batch)
+    looked_up = {}
+    for table in TABLES:
+        spec = (specs or {}).get(table) or TableSpec(0, 0)
+        columns = lookup_columns(table, spec)
+        pieces = jnp.split(rows[table][lookups[table].inverse],
+                           np.cumsum([_lookups_in(batch, c) for c in columns])[:-1].tolist())
+        by_column = dict(zip(columns, pieces))
+        for column in TABLES[table]:
+            looked_up[column] = spec.combine(by_column[column], by_column.get(column + SECOND_ROW),
+                                             lookup_blocks(batch, column, flat) if spec.block_size else None)
+    return {"uid": looked_up["uid"], "item": jnp.concatenate([looked_up["mid"], looked_up["cat"]], -1),
+            "keys": jnp.concatenate([looked_up["hist_mids"], looked_up["hist_cats"]], -1), "segment": segment}
 
-    def pieces(table):
-        looked_up = rows[table][lookups[table].inverse]
-        return looked_up[:batch_size], looked_up[batch_size:]
 
-    mid, hist_mid = pieces("mid_table")
-    cat, hist_cat = pieces("cat_table")
-    uid = rows["uid_table"][lookups["uid_table"].inverse]
-    _, segment = history_positions(batch)
-    return {"uid": uid, "item": jnp.concatenate([mid, cat], -1), "keys": jnp.concatenate([hist_mid, hist_cat], -1),
-            "segment": segment}
+def _lookups_in(batch: Mapping[str, Array], column: str) -> int:
+    """How many lookups a column makes in touched_ids order: B for a target column, P for a history column."""
+    if column.startswith("hist_"):
+        return history_positions(batch)[0].shape[0]
+    return batch[column].shape[0]
+
+
+def lookup_blocks(batch: Mapping[str, Array], column: str, flat: Array) -> Array:
+    """The live dimension blocks of each lookup of `column` (dynamic dimension): [B], or [P] for a history."""
+    blocks = jnp.asarray(batch[column + BLOCKS])
+    if column.startswith("hist_"):
+        return blocks.reshape(-1).at[flat].get(mode="fill", fill_value=0)
+    return blocks
+
+
+def initialise_rows(table: Array, slots: Array, sources: Array, defaults: Array) -> Array:
+    """`table` with rows `slots` set from `sources`: >= 0 that row of the table, s < 0 row -s-1 of `defaults`.
+
+    Slots out of range (padding) are dropped. Runs before a step's lookups (EmbeddingVariable admissions,
+    adaptive promotions).
+    """
+    from_table = table.at[sources].get(mode="fill", fill_value=0)
+    from_defaults = defaults.at[-sources - 1].get(mode="fill", fill_value=0).astype(table.dtype)
+    return table.at[slots].set(jnp.where((sources >= 0)[:, None], from_table, from_defaults), mode="drop")
 
 
 def split_tables(params: Mapping[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:

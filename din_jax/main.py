@@ -10,7 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from din_jax import report
-from din_jax.checkpoint import CheckpointError
+from din_jax.checkpoint import CheckpointError, Interrupted
 from din_jax.config_check import ConfigError
 from input_pipeline.errors import DataError
 
@@ -57,11 +57,23 @@ def _exit(message: str) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax and jax (dozens of lines per checkpoint); warnings still show."""
+    """Drops INFO chatter of orbax and jax (dozens of lines per checkpoint), and the tracebacks orbax logs for a
+    failed write in its worker threads (the error reaches the save, which reports it in one line); warnings show."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
+        if "/orbax/" in record.pathname and "raised an exception" in str(record.msg):
+            return False
         noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
         return record.levelno >= std_logging.WARNING or not noisy
+
+
+def _unraisable(hook_args: object) -> None:
+    """sys.unraisablehook: after a failed checkpoint write (a full disk), tensorstore completes each other pending
+    write into orbax's closed event loop and Python prints 'Event loop is closed' for each; the failure itself is
+    reported once, by the save."""
+    error = getattr(hook_args, "exc_value", None)
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        sys.__unraisablehook__(hook_args)
 
 
 def main(argv: list[str]) -> None:
@@ -69,6 +81,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _unraisable
     from din_jax import parallel, train  # imported here so that --help and flag errors stay fast
 
     try:
@@ -83,8 +96,14 @@ def main(argv: list[str]) -> None:
     parallel.initialize(cluster, FLAGS.heartbeat_timeout_seconds, FLAGS.initialization_timeout_seconds)
     try:
         results = train.train_and_evaluate(config, FLAGS.workdir)
-    except (DataError, ConfigError, CheckpointError) as e:
+    except Interrupted as e:  # SIGINT / SIGTERM: a checkpoint was saved; the usual 128 + signal status
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
+    except (DataError, ConfigError, CheckpointError, train.DivergedError) as e:
         _stop(f"error: {e}", cluster is not None)
+    except OSError as e:  # a full disk or a lost permission outside checkpoints (metrics, logs)
+        _stop(f"error: {e.filename or 'a file'}: {e.strerror or _one_line(e)}; free space or fix permissions, then "
+              "rerun the same command to resume from the last checkpoint", cluster is not None)
     except Exception as e:
         if cluster is None:
             raise

@@ -9,6 +9,7 @@ batch can carry only its real history positions (packing) instead of B x T padde
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -22,6 +23,49 @@ BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
 
 ATTENTION_MODES = ("softmax", "unnormalized", "mean", "none")
+
+# Table parameter name -> the batch columns that look it up.
+TABLES: dict[str, tuple[str, ...]] = {"uid_table": ("uid",), "mid_table": ("mid", "hist_mids"),
+                                      "cat_table": ("cat", "hist_cats")}
+SECOND_ROW = "_r"     # column suffix: a multi-hash lookup's second row (its remainder table's row)
+BLOCKS = "_blocks"    # column suffix: a dynamic-dimension lookup's live dimension blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """How a table's rows make each lookup's embedding (din_jax.ev maps ids to rows on the host).
+
+    One row per lookup (dense vocabulary, EmbeddingVariable, adaptive), two rows combined by `combiner`
+    (multi-hash: 'add', 'mul', or 'concat' of two half-width rows; column '<name>_r' holds the second), or
+    one row of which only the first `<name>_blocks` blocks of `block_size` dimensions are live (dynamic
+    dimension). Rows past the table's end (the host's 'no row') read zeros.
+    """
+
+    rows: int
+    width: int
+    combiner: str = ""
+    block_size: int = 0
+
+    def combine(self, first: Array, second: Array | None = None, blocks: Array | None = None) -> Array:
+        """The embeddings [L, E] of L lookups from their rows (and second rows / live blocks)."""
+        if self.combiner == "add":
+            first = first + second
+        elif self.combiner == "mul":
+            first = first * second
+        elif self.combiner == "concat":
+            first = jnp.concatenate([first, second], axis=-1)
+        if self.block_size:
+            live = jnp.arange(first.shape[-1]) // self.block_size < blocks[:, None]
+            first = jnp.where(live, first, 0)
+        return first
+
+
+def lookup_columns(table: str, spec: TableSpec | None = None) -> tuple[str, ...]:
+    """The batch columns whose values are rows of `table`: its id columns, then their second rows."""
+    columns = TABLES[table]
+    if spec is not None and spec.combiner:
+        columns = columns + tuple(c + SECOND_ROW for c in columns)
+    return columns
 
 glorot_uniform = nn.initializers.glorot_uniform()
 
@@ -178,6 +222,7 @@ class DIN(nn.Module):
     attention: str = "softmax"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    table_specs: tuple[tuple[str, TableSpec], ...] = ()  # (table name, spec) for tables that are not one row per id
 
     def setup(self):
         if self.batch_norm not in ("frozen", "batch", "none"):
@@ -187,10 +232,10 @@ class DIN(nn.Module):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         e = self.embedding_dim
-        self.uid_table = self.param("uid_table", tf1_truncated_normal(e**-0.5), (self.vocab_sizes["uid"], e),
-                                    self.param_dtype)
-        self.mid_table = self.param("mid_table", glorot_uniform, (self.vocab_sizes["mid"], e), self.param_dtype)
-        self.cat_table = self.param("cat_table", glorot_uniform, (self.vocab_sizes["cat"], e), self.param_dtype)
+        shape = lambda name: (self.vocab_sizes[name], self.spec(name).width or e)  # noqa: E731
+        self.uid_table = self.param("uid_table", tf1_truncated_normal(e**-0.5), shape("uid"), self.param_dtype)
+        self.mid_table = self.param("mid_table", glorot_uniform, shape("mid"), self.param_dtype)
+        self.cat_table = self.param("cat_table", glorot_uniform, shape("cat"), self.param_dtype)
         self.attention_unit = AttentionUnit(self.attention_hidden, self.attention, self.dtype, self.param_dtype)
         if self.batch_norm == "frozen":
             self.bn = FrozenBatchNorm(param_dtype=self.param_dtype)
@@ -205,14 +250,34 @@ class DIN(nn.Module):
         self.pre_logit = dense(self.mlp_out)
         self.logit = dense(1)
 
+    def spec(self, name: str) -> TableSpec:
+        """How table `name` ('uid', 'mid', 'cat') makes embeddings: table_specs' entry, else one row per id."""
+        return dict(self.table_specs).get(f"{name}_table") or TableSpec(self.vocab_sizes[name], self.embedding_dim)
+
     def embed(self, batch: Mapping[str, Array]) -> dict[str, Array]:
         """Table lookups: uid [B, E], item [B, D], and the history as positions (see history_positions)."""
-        item = jnp.concatenate([self.mid_table[batch["mid"]], self.cat_table[batch["cat"]]], axis=-1)
         flat, segment = history_positions(batch)
-        mids = jnp.asarray(batch["hist_mids"]).reshape(-1).at[flat].get(mode="fill", fill_value=0)
-        cats = jnp.asarray(batch["hist_cats"]).reshape(-1).at[flat].get(mode="fill", fill_value=0)
-        keys = jnp.concatenate([self.mid_table[mids], self.cat_table[cats]], axis=-1)
-        return {"uid": self.uid_table[batch["uid"]], "item": item, "keys": keys, "segment": segment}
+        tables = {"uid_table": self.uid_table, "mid_table": self.mid_table, "cat_table": self.cat_table}
+
+        def lookup(table: str, column: str) -> Array:
+            def per_lookup(name):  # a column's values per lookup; a missing one (initialisation) as `column`
+                values = jnp.asarray(batch.get(name, batch[column]))
+                if column.startswith("hist_"):
+                    values = values.reshape(-1).at[flat].get(mode="fill", fill_value=0)
+                return values
+
+            spec = self.spec(table.removesuffix("_table"))
+            rows = lambda name: tables[table].at[per_lookup(name)].get(mode="fill", fill_value=0)  # noqa: E731
+            blocks = None
+            if spec.block_size:  # without a blocks column (initialisation) every block is live
+                blocks = (per_lookup(column + BLOCKS) if column + BLOCKS in batch
+                          else jnp.full(per_lookup(column).shape, self.embedding_dim))
+            # Rows past the table's end are the host's 'no row': they read zeros.
+            return spec.combine(rows(column), rows(column + SECOND_ROW) if spec.combiner else None, blocks)
+
+        item = jnp.concatenate([lookup("mid_table", "mid"), lookup("cat_table", "cat")], axis=-1)
+        keys = jnp.concatenate([lookup("mid_table", "hist_mids"), lookup("cat_table", "hist_cats")], axis=-1)
+        return {"uid": lookup("uid_table", "uid"), "item": item, "keys": keys, "segment": segment}
 
     def from_embedded(self, embedded: Mapping[str, Array], row_weight: Array,
                       train: bool = False) -> tuple[Array, Array]:

@@ -18,7 +18,10 @@ _DONE = object()
 class Prefetcher:
     """Iterates over prepared, device-resident batches produced by a background thread."""
 
-    def __init__(self, batches: Iterator[dict], prepare: Callable[[dict], dict], depth: int = 2):
+    def __init__(self, batches: Iterator[dict], prepare: Callable[[dict], dict], depth: int = 2,
+                 transfer: bool = True):
+        """transfer=False keeps prepared batches in host memory (the consumer still changes them)."""
+        self._transfer = transfer
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._ended = False
@@ -29,7 +32,8 @@ class Prefetcher:
     def _fill(self, batches: Iterator[dict], prepare: Callable[[dict], dict]) -> None:
         try:
             for batch in batches:
-                item = (batch, jax.device_put(prepare(batch)))
+                prepared = prepare(batch)
+                item = (batch, jax.device_put(prepared) if self._transfer else prepared)
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

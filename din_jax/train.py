@@ -23,12 +23,16 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import config_check, parallel
+from din_jax import config_check, parallel, plots
+from din_jax import incremental as incremental_lib
 from din_jax.metrics import StreamingMetrics
-from din_jax.embedding import (TABLES, RowLookup, embedded_from_rows, gather_rows, gather_sharded_rows, owned_ids,
-                               scatter_rows, split_tables, touched_ids)
+from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, gather_sharded_rows, initialise_rows,
+                               owned_ids, scatter_rows, split_tables, touched_ids)
 from din_jax.feed import QUEUE_DONE, WorkQueueFeed
-from din_jax.model import DIN
+from din_jax import ev
+from din_jax.host_embeddings import (INIT_SLOTS, INIT_SOURCES, RAW_ID_KINDS, HostEmbeddings, create_mappings,
+                                     table_kinds, uses_raw_ids)
+from din_jax.model import DIN, TABLES, TableSpec, lookup_columns
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from din_jax.packing import pack_history, packed_size
 from din_jax.prefetch import Prefetcher
@@ -58,20 +62,25 @@ class Data:
     vocabs: dien.Vocabularies
     train: dien.EncodedSplit
     test: dien.EncodedSplit
+    # Raw-id embedding kinds (config.ev ...): the splits encode every distinct token (dien.open_vocabularies);
+    # raw_ids[feature] is the 64-bit hash of each encoded token, id_sizes the encoded ids per feature.
+    raw_ids: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    id_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 PRECISIONS = {"fp32": (jnp.float32, jnp.float32), "mixed_bf16": (jnp.bfloat16, jnp.float32),
               "bf16": (jnp.bfloat16, jnp.bfloat16)}  # precision -> (compute dtype, parameter dtype)
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int]) -> DIN:
-    """The DIN module for `config.model`, `config.precision` and the data's vocabulary sizes."""
+def build_model(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int],
+                table_specs: dict[str, TableSpec] | None = None) -> DIN:
+    """The DIN module for `config.model`, `config.precision`, the tables' row counts and their embedding kinds."""
     m = config.model
     dtype, param_dtype = PRECISIONS[config.precision]
     return DIN(vocab_sizes=dict(vocab_sizes), embedding_dim=m.embedding_dim,
                attention_hidden=tuple(m.attention_hidden), mlp_hidden=tuple(m.mlp_hidden), mlp_out=m.mlp_out,
                batch_norm=m.batch_norm, activation=m.activation, attention=m.attention, dtype=dtype,
-               param_dtype=param_dtype)
+               param_dtype=param_dtype, table_specs=tuple(sorted((table_specs or {}).items())))
 
 
 def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
@@ -84,15 +93,19 @@ def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer: Optimizer,
-                       table_shards: int = 1) -> TrainState:
+                       table_shards: int = 1, initial_rows: dict[str, tuple[Any, Any, Any]] | None = None
+                       ) -> TrainState:
     """Parameters initialised as the seed's TF1 graph does, from `config.seed`, and fresh optimizer slots.
 
     table_shards: the tables' rows are padded with zero rows (never looked up) to a multiple of it.
+    initial_rows: per table (slots, sources, default matrix) to set at creation (embedding.initialise_rows).
     """
     # Initialise in fp32 and cast, so every precision starts from the same numbers.
     fp32_model = model.clone(dtype=jnp.float32, param_dtype=jnp.float32)
     variables = fp32_model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
     params = jax.tree.map(lambda p: p.astype(model.param_dtype), variables["params"])
+    for name, (slots, sources, defaults) in (initial_rows or {}).items():
+        params[name] = initialise_rows(params[name], jnp.asarray(slots), jnp.asarray(sources), jnp.asarray(defaults))
     for name in TABLES:
         table = params[name]
         params[name] = jnp.pad(table, ((0, -table.shape[0] % table_shards), (0, 0)))
@@ -121,7 +134,8 @@ def _split_micro(tree: Any, n: int) -> Any:
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), tree)
 
 
-def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int) -> dict[str, jax.Array]:
+def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int,
+                    specs: dict[str, TableSpec]) -> dict[str, jax.Array]:
     """Each table's inverse index cut into n micro-batches: [n, lookups per micro-batch].
 
     With n > 1 batches are not packed, so a history column holds B * T lookups.
@@ -131,7 +145,7 @@ def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int) -> dict
     out = {}
     for table, lookup in lookups.items():
         parts, offset = [], 0
-        for column in TABLES[table]:
+        for column in lookup_columns(table, specs.get(table)):
             size = batch[column].size  # B for a target column, B * T for a history column
             parts.append(lookup.inverse[offset:offset + size].reshape(n, -1))
             offset += size
@@ -139,7 +153,8 @@ def _micro_inverses(lookups: dict[str, RowLookup], batch: Batch, n: int) -> dict
     return out
 
 
-def global_row_lookups(batch: Batch, table_sizes: dict[str, int], axis_name: str) -> dict[str, RowLookup]:
+def global_row_lookups(batch: Batch, table_sizes: dict[str, int], axis_name: str,
+                       specs: dict[str, TableSpec]) -> dict[str, RowLookup]:
     """Per table, the rows the whole global batch touches and this shard's inverse index into them.
 
     Inside shard_map over `axis_name`, `batch` is one shard: its touched ids are gathered from every
@@ -147,7 +162,8 @@ def global_row_lookups(batch: Batch, table_sizes: dict[str, int], axis_name: str
     equal the single-process ones; each shard keeps the inverse index of its own lookups.
     """
     lookups = {}
-    for table, columns in TABLES.items():
+    for table in TABLES:
+        columns = lookup_columns(table, specs.get(table))
         ids = jnp.concatenate([touched_ids(batch, c, table_sizes[table]) for c in columns])    # [L]
         every = jax.lax.all_gather(ids, axis_name, tiled=True)                                  # [n * L]
         unique, inverse = jnp.unique(every, size=every.shape[0], fill_value=table_sizes[table], return_inverse=True)
@@ -176,7 +192,7 @@ def _table_stand_ins(model: DIN, tables: dict[str, jax.Array]) -> dict[str, jax.
 
 
 def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, axis_name: str, table_shards: int,
-               state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+               defaults: dict[str, Any], state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the global batch, gradients accumulated over `micro_batch` slices; returns state and loss.
 
     Runs inside shard_map over the mesh's `axis_name`: `batch` is this device's shard, and the state
@@ -188,8 +204,11 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     table_shards: 0 when tables are replicated; else (sparse only) each device holds the table_shards-th
     part of every table's rows and row slots: it gathers the touched rows it owns, a psum gives every
     device all of them, and each device writes back only the updated rows it owns.
+    defaults: per table, the default matrix rows newly admitted ids start from (din_jax.host_embeddings).
     """
     n = max(micro_batch, 1)
+    specs = dict(model.table_specs)
+    batch, state = _initialise_admitted_rows(optimizer, defaults, batch, state)
     # The loss is the mean over the whole global batch.
     examples = jax.lax.psum(jnp.sum(batch["weight"]), axis_name)
     total_weight = jnp.maximum(examples, 1.0)
@@ -197,19 +216,20 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
 
     if sparse:
         lookups = global_row_lookups(batch, {k: v.shape[0] * max(table_shards, 1) for k, v in tables.items()},
-                                     axis_name)
+                                     axis_name, specs)
         if table_shards:
             variables_in = (dense, {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables})
             table_params = _table_stand_ins(model, tables)
         else:
             variables_in = (dense, {k: gather_rows(tables[k], lookups[k].ids) for k in tables})
             table_params = tables
-        micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n))
+        micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n, specs))
 
         def forward(diff, data, batch_stats):
             dense_params, rows = diff
             micro, inverses = data
-            embedded = embedded_from_rows(rows, {k: RowLookup(lookups[k].ids, inverses[k]) for k in rows}, micro)
+            embedded = embedded_from_rows(rows, {k: RowLookup(lookups[k].ids, inverses[k]) for k in rows}, micro,
+                                          specs)
             variables = {"params": {**dense_params, **table_params}, "batch_stats": batch_stats}
             return model.apply(variables, embedded, micro["weight"], True, method=DIN.from_embedded,
                                mutable=["batch_stats"])
@@ -268,6 +288,25 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
                        "queue_done": jax.lax.psum(batch[QUEUE_DONE][0], axis_name)}
 
 
+def _initialise_admitted_rows(optimizer: Optimizer, defaults: dict[str, Any], batch: Batch,
+                              state: TrainState) -> tuple[Batch, TrainState]:
+    """Takes the rows to initialise (host_embeddings' init columns: the same list on every device) out of the
+    batch and sets them, and fresh optimizer slots for them, before the step looks anything up."""
+    tables = [t for t in TABLES if t + INIT_SLOTS in batch]
+    if not tables:
+        return batch, state
+    batch = dict(batch)
+    params, row_slots = dict(state.params), dict(state.opt_state["rows"])
+    for table in tables:
+        slots, sources = batch.pop(table + INIT_SLOTS), batch.pop(table + INIT_SOURCES)
+        params[table] = initialise_rows(params[table], slots, sources, jnp.asarray(defaults[table]))
+        fresh = optimizer.rows.init(jnp.zeros((1, params[table].shape[1]), params[table].dtype))[0]
+        row_slots[table] = {k: v.at[slots].set(jnp.broadcast_to(fresh[k][0], (slots.shape[0], *v.shape[1:])),
+                                               mode="drop")
+                            for k, v in row_slots[table].items()}
+    return batch, state.replace(params=params, opt_state={**state.opt_state, "rows": row_slots})
+
+
 def _unless_empty(active: jax.Array, new: TrainState, old: TrainState, sparse: bool) -> TrainState:
     """`new` where the step had examples, else `old`, selecting every leaf but embedding tables and their row slots."""
     pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(active, x, y), a, b)  # noqa: E731
@@ -291,10 +330,12 @@ def eval_step(model: DIN, state: TrainState, batch: Batch) -> jax.Array:
 def sharded_eval_step(model: DIN, axis_name: str, shards: int, state: TrainState, batch: Batch) -> jax.Array:
     """eval_step inside shard_map with tables split in `shards` by rows over `axis_name`: gathers only touched rows."""
     tables, dense = split_tables(state.params)
-    lookups = global_row_lookups(batch, {k: v.shape[0] * shards for k, v in tables.items()}, axis_name)
+    lookups = global_row_lookups(batch, {k: v.shape[0] * shards for k, v in tables.items()}, axis_name,
+                                 dict(model.table_specs))
     rows = {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables}
     variables = {"params": {**dense, **_table_stand_ins(model, tables)}, "batch_stats": state.batch_stats}
-    logits, _ = model.apply(variables, embedded_from_rows(rows, lookups, batch), batch["weight"],
+    logits, _ = model.apply(variables, embedded_from_rows(rows, lookups, batch, dict(model.table_specs)),
+                            batch["weight"],
                             method=DIN.from_embedded)
     return jax.nn.sigmoid(logits)
 
@@ -309,7 +350,14 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
     else:
         data_dir = datasets.require_prepared(config.data_dir)
     vocabs = dien.load_vocabularies(data_dir)
-    return Data(data_dir, vocabs, dien.load_split(data_dir, "train", vocabs), dien.load_split(data_dir, "test", vocabs))
+    encoding, raw_ids = vocabs, {}
+    if uses_raw_ids(config):
+        encoding = dien.open_vocabularies(data_dir, vocabs)
+        raw_ids = {table.removesuffix("_table"): ev.hash_tokens(dien.tokens_by_id(
+                   getattr(encoding, table.removesuffix("_table"))))
+                   for table, kind in table_kinds(config).items() if kind in RAW_ID_KINDS}
+    return Data(data_dir, vocabs, dien.load_split(data_dir, "train", encoding), dien.load_split(data_dir, "test", encoding),
+                raw_ids, encoding.sizes)
 
 
 class _Item(NamedTuple):
@@ -341,7 +389,8 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
                                      boundaries=boundaries)
     metrics = StreamingMetrics()
     for item in _items(split, plan, local, trainer, config.eval_batch_size):
-        device_batch = trainer.device_batch(trainer.prepare(item.batch, item.pack_size))
+        batch = trainer.host.map_batch(item.batch, 0, train=False) if trainer.host.active else item.batch
+        device_batch = trainer.device_batch(trainer.prepare(batch, item.pack_size))
         columns = parallel.gather({"prob": trainer.jit_eval_step(state, device_batch),
                                    **{k: device_batch[k] for k in ("label", "user", "weight")}})
         metrics.update(columns["label"], columns["prob"], columns["user"], columns["weight"])
@@ -349,8 +398,9 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
 
 
 def _train_items(split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer,
-                 start_step: int) -> Iterator[_Item]:
-    """Endless train batches (this process's share of each), epoch after epoch, from global step `start_step`."""
+                 start_step: int, whole: bool = False) -> Iterator[_Item]:
+    """Endless train batches (this process's share of each, or `whole` global batches), epoch after epoch,
+    from global step `start_step`."""
     boundaries = tuple(config.bucket_boundaries)
     per_epoch = batches_lib.num_train_batches(split, config.batch_size, config.max_seq_length, boundaries)
     epoch, skip = divmod(start_step, per_epoch)
@@ -358,8 +408,10 @@ def _train_items(split: dien.EncodedSplit, config: ml_collections.ConfigDict, tr
         plan = batches_lib.train_plan(split, config.batch_size, config.max_seq_length, seed=config.seed, epoch=epoch,
                                       boundaries=boundaries)
         local = batches_lib.train_batches(split, config.batch_size, config.max_seq_length, seed=config.seed,
-                                          epoch=epoch, keep=config.history_keep, shard_index=jax.process_index(),
-                                          shard_count=jax.process_count(), start_batch=skip, boundaries=boundaries)
+                                          epoch=epoch, keep=config.history_keep,
+                                          shard_index=0 if whole else jax.process_index(),
+                                          shard_count=1 if whole else jax.process_count(), start_batch=skip,
+                                          boundaries=boundaries)
         yield from _items(split, plan[skip:], local, trainer, config.batch_size)
         epoch, skip = epoch + 1, 0
 
@@ -379,15 +431,26 @@ class _PlanSource:
 
     def __init__(self, split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer,
                  first_step: int):
-        items = _train_items(split, config, trainer, first_step)
-        prepare = lambda item: trainer.prepare(item.batch, item.pack_size)  # noqa: E731
+        # Embedding kinds with state (din_jax.host_embeddings) map ids on this thread, step by step, from the
+        # whole global batch (so every process's mapping stays the same); then the batch is cut and packed.
+        self._trainer, self._step = trainer, first_step
+        self._map = trainer.host.active
+        self._whole = trainer.host.stateful or bool(config.incremental_ckpt)
+        items = _train_items(split, config, trainer, first_step, whole=self._whole)
+        prepare = ((lambda item: item.batch) if self._map  # noqa: E731
+                   else (lambda item: trainer.prepare(item.batch, item.pack_size)))
         self._batches: Iterator[tuple[_Item, Batch]] = (
-            Prefetcher(items, prepare, config.prefetch_depth) if config.smartstaged
+            Prefetcher(items, prepare, config.prefetch_depth, transfer=not self._map) if config.smartstaged
             else ((item, prepare(item)) for item in items))
 
     def next(self) -> tuple[int, Batch]:
         """(examples in the whole global batch, this process's prepared share)."""
         item, prepared = next(self._batches)
+        if self._map:
+            mapped = self._trainer.host.map_batch(prepared, self._step, train=True)
+            prepared = self._trainer.prepare(self._trainer.local_share(mapped) if self._whole else mapped,
+                                             item.pack_size)
+        self._step += 1
         return item.examples, prepared
 
     def after_step(self, step_metrics: dict[str, jax.Array], examples: int) -> tuple[int, bool]:
@@ -486,11 +549,14 @@ class Trainer:
     mesh: Mesh
     pack_floor: int = 0    # smallest packed size: set by the loop so an epoch has one shape
     shard_tables: bool = False  # tables and their row slots split over `data` by rows (config.shard_embeddings)
+    host: HostEmbeddings | None = None  # ids -> table rows on the host (embedding kinds, din_jax.host_embeddings)
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
         """A fresh train state from `config.seed`: replicated on every device, or with tables split by rows."""
         if not self.shard_tables:
-            return jax.device_put(create_train_state(config, self.model, self.optimizer),
+            initial = {table: (slots, sources, self.host.defaults[table])
+                       for table, (slots, sources) in self.host.initial_rows().items() if len(slots)}
+            return jax.device_put(create_train_state(config, self.model, self.optimizer, initial_rows=initial),
                                   parallel.replicated(self.mesh))
         # Created by a jitted function straight into its shardings: no device holds a whole table.
         create = functools.partial(create_train_state, config, self.model, self.optimizer, self.mesh.size)
@@ -526,6 +592,14 @@ class Trainer:
         index = [pack_history({"hist_mask": m}, self.pack_granularity, size)["hist_index"] for m in masks]
         return {**batch, "hist_index": np.concatenate(index)}
 
+    def local_share(self, batch: Batch) -> Batch:
+        """This process's contiguous rows of a whole global batch; the rows-to-initialise lists, which every
+        device needs whole, repeated once per local device."""
+        per_process = batch["weight"].shape[0] // jax.process_count()
+        start, devices = jax.process_index() * per_process, parallel.local_shards(self.mesh)
+        return {k: np.tile(v, devices) if k.endswith((INIT_SLOTS, INIT_SOURCES)) else v[start:start + per_process]
+                for k, v in batch.items()}
+
     def device_batch(self, batch: Batch) -> Batch:
         """A prepared batch (numpy, or already on this process's device) as global arrays split over `data`."""
         return parallel.global_batch(batch, self.mesh)
@@ -540,17 +614,23 @@ class Trainer:
         return self.jit_eval_step(state, self.device_batch(self.prepare(batch)))
 
 
-def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int], mesh: Mesh | None = None
-                   ) -> Trainer:
-    """Builds the model, the optimizer and the jitted train and eval steps for `config` on `mesh` (all devices)."""
+def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int], mesh: Mesh | None = None,
+                   raw_ids: dict[str, np.ndarray] | None = None, id_sizes: dict[str, int] | None = None) -> Trainer:
+    """Builds the model, the optimizer and the jitted train and eval steps for `config` on `mesh` (all devices).
+
+    vocab_sizes: the vocabularies' sizes; raw_ids and id_sizes: Data's, for raw-id embedding kinds.
+    """
     mesh = parallel.data_mesh() if mesh is None else mesh
-    model = build_model(config, vocab_sizes)
+    host = HostEmbeddings(config, create_mappings(config, vocab_sizes, id_sizes or vocab_sizes), raw_ids or {},
+                          vocab_sizes)
+    plain = {t: spec for t, spec in host.specs.items() if spec != TableSpec(spec.rows, config.model.embedding_dim)}
+    model = build_model(config, host.table_rows(), plain)
     optimizer = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm,
                                  decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate)
     axis = parallel.DATA_AXIS
     sharded = bool(config.shard_embeddings)
     step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis,
-                             mesh.size if sharded else 0)
+                             mesh.size if sharded else 0, host.defaults)
     probs = (functools.partial(sharded_eval_step, model, axis, mesh.size) if sharded
              else functools.partial(eval_step, model))
     predict = lambda state, batch: jax.lax.all_gather(probs(state, batch), axis, tiled=True)  # noqa: E731
@@ -562,7 +642,124 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     jit_eval_step = jax.jit(shard(predict, out_specs=P()))
     # Packing and micro-batches do not mix (micro-batches split examples, packing splits positions).
     granularity = config.pack_granularity if config.micro_batch <= 1 else 0
-    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded)
+    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded, host=host)
+
+
+class DivergedError(Exception):
+    """The training loss or the parameters became NaN or Inf; the message names the step and the checkpoint kept."""
+
+
+@jax.jit
+def _first_non_finite(first: jax.Array, loss: jax.Array, step: int) -> jax.Array:
+    """`step` if `loss` is the run's first NaN or Inf loss (`first` == 0), else `first`: a device scalar updated
+    each step without a host sync; the loop reads it only at log, eval and save steps and at the end."""
+    return jnp.where((first == 0) & ~jnp.isfinite(loss), step, first)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether no floating-point leaf of `tree` holds a NaN or Inf."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
+
+
+def _check_finite(first_bad: jax.Array, state: TrainState | None, checkpointer: checkpoint_lib.Checkpointer) -> None:
+    """DivergedError if a step so far had a NaN or Inf loss or, given `state` (before saving it), a parameter is NaN
+    or Inf: then nothing is saved, and the latest checkpoint stays the last good one."""
+    step = int(first_bad)
+    what = f"the training loss was NaN or Inf at step {step}"
+    if not step and state is not None and not bool(_all_finite((state.params, state.batch_stats))):
+        step = int(state.step)
+        what = f"the parameters became NaN or Inf by step {step}"
+    if not step:
+        return
+    last = checkpointer.latest_step()
+    kept = (f"checkpoint {checkpointer.directory}/{last} (step {last}) is the last good one" if last is not None
+            else "no checkpoint was written")
+    raise DivergedError(f"{what}; training stopped and {kept} - lower --config.learning_rate (or check the data), "
+                        "then rerun to resume from it")
+
+
+@jax.jit
+def _row_l2_weights(table: jax.Array) -> jax.Array:
+    """DeepRec's l2 eviction measure of every row, 0.5 * |row|^2 (computed where the table lives)."""
+    return 0.5 * jnp.sum(jnp.square(table.astype(jnp.float32)), axis=1)
+
+
+class _Saver:
+    """Full checkpoints (after feature eviction, with the host-side state) and, between them, incremental ones.
+
+    A full save first applies config.ev_elimination, then writes the train state with the work queue's and
+    the embedding mappings' state; with config.incremental_ckpt, every that many seconds the rows written
+    since the last save go to an increment on top of the latest full checkpoint (din_jax.incremental).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, checkpointer: checkpoint_lib.Checkpointer,
+                 trainer: Trainer, checkpoint_dir: str):
+        self._checkpointer, self._host = checkpointer, trainer.host
+        self._increments = (incremental_lib.IncrementalCheckpointer(checkpoint_dir, config.incremental_ckpt)
+                            if config.incremental_ckpt else None)
+        self.base = checkpointer.latest_step()  # the full checkpoint increments build on
+        self.last = self.base or 0               # the step of the last save of any kind
+
+    def restore(self, state: TrainState, extra: dict[str, np.ndarray]) -> TrainState:
+        """The embedding mappings from `extra`, then the increments on top of the full checkpoint."""
+        self._host.load_state_dict(extra)
+        if self._increments is None or self.base is None:
+            return state
+        state, increment_extra, self.last = self._increments.restore(state, self.base)
+        if increment_extra:
+            self._host.load_state_dict(increment_extra)
+        return state
+
+    def full(self, step: int, state: TrainState, source: Any, force: bool = False) -> None:
+        """A full checkpoint at `step` if it is a save step (or forced)."""
+        if not self._checkpointer.is_save_step(step, force):
+            return
+        evicted = self._host.evict(step, lambda table: np.asarray(
+            _row_l2_weights(state.params[table]).addressable_data(0)))
+        if any(evicted.values()):
+            logging.info("Feature eviction (%s) at step %d: %s rows freed", self._host.config.ev_elimination, step,
+                         evicted)
+        if self._checkpointer.save(step, state, force=force,
+                                   extra={**source.checkpoint_extra(), **self._host.state_dict()}):
+            self.base = self.last = step
+            if self._increments is not None:
+                self._increments.prune(step)
+
+    def incremental(self, step: int, state: TrainState, source: Any) -> None:
+        """An increment of the rows written since the last save, when config.incremental_ckpt seconds have passed."""
+        if self._increments is None or step == self.last or not self._increments.due():
+            return
+        if self.base is None:  # increments need a full checkpoint to build on
+            self.full(step, state, source, force=True)
+            return
+        touched = {table: mapping.touched_since(self.last) for table, mapping in self._host.mappings.items()}
+        self._increments.save(step, self.base, state, touched, extra=self._host.state_dict())
+        self.last = step
+
+
+def _start_history(workdir: str, first_step: int) -> None:
+    """WORKDIR/history.jsonl without records past `first_step` (left by a run killed after its last checkpoint)."""
+    history = plots.read_history(workdir)
+    if any(record["step"] > first_step for record in history):
+        with atomic_write(os.path.join(workdir, plots.HISTORY_FILE), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history if r["step"] <= first_step)
+
+
+def _write_plots(workdir: str, trainer: Trainer, state: TrainState, data: Data,
+                 config: ml_collections.ConfigDict) -> None:
+    """WORKDIR/plots: learning curves, throughput, and the attention weights of the first test batch."""
+    weights = mask = None
+    if jax.process_count() == 1 and not trainer.shard_tables:  # one process holds every parameter
+        batch = next(batches_lib.eval_batches(data.test, config.eval_batch_size, config.max_seq_length,
+                                              keep=config.history_keep))
+        if trainer.host.active:
+            batch = trainer.host.map_batch(batch, 0, train=False)
+        _, weights = jax.jit(trainer.model.apply)({"params": state.params, "batch_stats": state.batch_stats}, batch)
+        weights, mask = np.asarray(weights), batch["hist_mask"]
+    paths = plots.write_run_plots(workdir, plots.read_history(workdir), weights, mask)
+    logging.info("Wrote %d plots to %s", len(paths), os.path.join(workdir, "plots"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -570,24 +767,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     In a multi-process run (din_jax.parallel) every process calls this with the same arguments:
     each reads its share of every batch, and process 0 alone writes metrics and TensorBoard logs.
+    Rerunning the same command resumes from the latest checkpoint and ends as an uninterrupted run (the
+    input order is a function of the seed, the epoch and the step). In a single-process run SIGINT or
+    SIGTERM saves a checkpoint of the step reached and raises checkpoint_lib.Interrupted; a NaN or Inf
+    loss raises DivergedError without saving.
     """
     mesh = parallel.data_mesh()
     config_check.validate(config, num_shards=mesh.size)
     primary = parallel.is_primary()
-    os.makedirs(workdir, exist_ok=True)
+    checkpoint_dir = config.checkpoint_dir or os.path.join(workdir, "checkpoints")
+    checkpoint_lib.require_writable(workdir, "--workdir")  # checked before the data: fail in seconds, not minutes
+    checkpoint_lib.require_writable(checkpoint_dir, "--config.checkpoint_dir")
     wall_start = time.perf_counter()
     data = parallel.primary_first("load_data", lambda: load_data(config, workdir))
-    trainer = create_trainer(config, data.vocabs.sizes, mesh)
-    if primary:  # what export and predict need to rebuild this model: the config and where its vocabularies are
-        _write_json(os.path.join(workdir, "config.json"), {"config": config.to_dict(), "data_dir": data.data_dir})
+    trainer = create_trainer(config, data.vocabs.sizes, mesh, data.raw_ids, data.id_sizes)
     state = trainer.init_state(config)
-    checkpointer = checkpoint_lib.Checkpointer(config.checkpoint_dir or os.path.join(workdir, "checkpoints"),
-                                               config.save_steps, config.keep_checkpoint_max)
-    restored = checkpointer.restore_latest_with_extra(state)
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, config.save_steps, config.keep_checkpoint_max)
+    run_file = os.path.join(workdir, "config.json")
+    restored = checkpointer.restore_latest_with_extra(state, checkpoint_lib.config_changes(run_file, config.to_dict()))
     extra: dict[str, np.ndarray] = {}
+    saver = _Saver(config, checkpointer, trainer, checkpoint_dir)
     if restored is not None:
         state, extra = restored
+        state = saver.restore(state, extra)
         logging.info("Resumed from checkpoint at step %d", int(state.step))
+    if primary:  # once the checkpoint fits: what export and predict need to rebuild this model (config, vocabularies)
+        _write_json(run_file, {"config": config.to_dict(), "data_dir": data.data_dir})
 
     steps_per_epoch = batches_lib.num_train_batches(data.train, config.batch_size, config.max_seq_length,
                                                     tuple(config.bucket_boundaries))
@@ -597,7 +802,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     source = (_WorkQueueSource(data.train, config, trainer, first_step, extra) if config.workqueue
               else _PlanSource(data.train, config, trainer, first_step))
     total_steps = config.steps or (math.inf if config.workqueue else steps_per_epoch)
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if primary else None
+    # purge_step: TensorBoard hides what an interrupted run logged past the checkpoint this run resumes from.
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step or None) if primary else None
     profiler = _Profiler(config.timeline if primary else 0, os.path.join(workdir, "profile"), first_step)
     logging.info("Data %s: %d train / %d test examples, vocabularies %s; %s of batch %d (%d steps per epoch) on "
                  "%d process(es), %d device(s)%s", data.data_dir, len(data.train), len(data.test), data.vocabs.sizes,
@@ -609,65 +815,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_metrics: dict[str, Any] = {}
     progress = tqdm(total=steps_per_epoch if math.isinf(total_steps) else total_steps, initial=first_step,
                     desc="train", unit="step", dynamic_ncols=True, disable=not (config.progress_bar and primary))
+    first_bad = jnp.zeros([], jnp.int32)  # on the device: the first step whose loss was NaN or Inf (0: none)
+    # SIGINT / SIGTERM: checkpoint and stop. Several processes would have to agree on the step: there they kill.
+    stop = checkpoint_lib.StopSignals(enabled=jax.process_count() == 1)
+    if primary:
+        _start_history(workdir, first_step)
     timer = time.perf_counter()
+    interval_start, interval_samples = timer, 0  # the throughput since the previous log point (history.jsonl)
     step = first_step
-    while step < total_steps and not source.finished:
-        examples, prepared = source.next()
-        profiler.before(step)
-        state, step_metrics = trainer.train_step(state, prepared, prepared=True)
-        profiler.after(step, state.step)
-        examples, advanced = source.after_step(step_metrics, examples)
-        trained_examples += examples
-        if step == first_step:  # the first step compiles: time it apart from throughput
-            jax.block_until_ready(state.step)
-            compile_seconds = time.perf_counter() - timer
-            timer = time.perf_counter()
-        else:
-            timed_samples += examples
-        if not advanced:
-            continue  # an empty work-queue step changed nothing
-        step += 1
-        progress.update(1)
-        last = step == total_steps or source.finished
-        if step % config.log_every_steps == 0 or last:
-            loss = float(step_metrics["loss"])
-            timed_seconds = time.perf_counter() - timer
-            rate = timed_samples / timed_seconds if timed_seconds > 0 else 0.0
-            progress.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
-            if writer:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/samples_per_sec", rate, step)
-        if not config.no_eval and config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
-            _write_eval(writer, evaluate(trainer, state, data.test, config), step)
-        if checkpointer.is_save_step(step):
-            checkpointer.save(step, state, extra=source.checkpoint_extra())
-    jax.block_until_ready(state)
-    timed_seconds = time.perf_counter() - timer if step > first_step else 0.0
-    progress.close()
-    source.close()
-    if checkpointer.is_save_step(int(state.step), force=True):
-        checkpointer.save(int(state.step), state, force=True, extra=source.checkpoint_extra())
-    checkpointer.close()
+    try:
+        while step < total_steps and not source.finished and stop.received is None:
+            examples, prepared = source.next()
+            profiler.before(step)
+            state, step_metrics = trainer.train_step(state, prepared, prepared=True)
+            first_bad = _first_non_finite(first_bad, step_metrics["loss"], step + 1)
+            profiler.after(step, state.step)
+            examples, advanced = source.after_step(step_metrics, examples)
+            trained_examples += examples
+            if step == first_step:  # the first step compiles: time it apart from throughput
+                jax.block_until_ready(state.step)
+                compile_seconds = time.perf_counter() - timer
+                timer = time.perf_counter()
+            else:
+                timed_samples += examples
+                interval_samples += examples
+            if not advanced:
+                continue  # an empty work-queue step changed nothing
+            step += 1
+            progress.update(1)
+            last = step == total_steps or source.finished
+            if step % config.log_every_steps == 0 or last:
+                _check_finite(first_bad, None, checkpointer)
+                loss = float(step_metrics["loss"])
+                timed_seconds = time.perf_counter() - timer
+                rate = timed_samples / timed_seconds if timed_seconds > 0 else 0.0
+                progress.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                if writer:
+                    writer.add_scalar("train/loss", loss, step)
+                    writer.add_scalar("train/samples_per_sec", rate, step)
+                    now = time.perf_counter()
+                    plots.append_history(workdir, {"step": step, "loss": loss, "samples_per_sec":
+                                                   interval_samples / max(now - interval_start, 1e-9)})
+                interval_start, interval_samples = time.perf_counter(), 0
+            if not config.no_eval and config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
+                _check_finite(first_bad, None, checkpointer)
+                _write_eval(writer, evaluate(trainer, state, data.test, config), step, workdir)
+                interval_start = time.perf_counter()  # evaluation time is not training throughput
+            if checkpointer.is_save_step(step):
+                _check_finite(first_bad, state, checkpointer)
+                saver.full(step, state, source)
+            else:
+                saver.incremental(step, state, source)
+        jax.block_until_ready(state)
+        timed_seconds = time.perf_counter() - timer if step > first_step else 0.0
+        progress.close()
+        source.close()
+        _check_finite(first_bad, state, checkpointer)
+        saver.full(int(state.step), state, source, force=True)
+    finally:  # also after an error: no input thread left running, the checkpoint manager and logs closed
+        stop.restore()
+        progress.close()
+        source.close()
+        checkpointer.close()
+        if writer:
+            writer.flush()
+    if stop.received is not None:
+        if writer:
+            writer.close()
+        raise stop.interrupted(int(state.step), checkpointer.directory)
 
     if not config.no_eval:
         eval_metrics = evaluate(trainer, state, data.test, config)
         eval_metrics["step"] = int(state.step)
-        _write_eval(writer, eval_metrics, int(state.step))
+        _write_eval(writer, eval_metrics, int(state.step), workdir)
         if primary:
             _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
+    if primary:
+        _write_plots(workdir, trainer, state, data, config)
     if writer:
         writer.close()
     summary = {"steps": int(state.step), "steps_this_run": int(state.step) - first_step,
                "samples_per_sec": timed_samples / timed_seconds if timed_seconds > 0 else None,
                "wall_seconds": time.perf_counter() - wall_start, "compile_seconds": compile_seconds,
                "final_train_loss": loss, "processes": jax.process_count(), "devices": mesh.size,
-               "trained_examples": trained_examples}
+               "trained_examples": trained_examples, "embeddings": trainer.host.stats()}
     if primary:
         _write_json(os.path.join(workdir, "train_summary.json"), summary)
     return {"eval": eval_metrics, "train": summary}
 
 
-def _write_eval(writer: SummaryWriter | None, metrics: dict[str, Any], step: int) -> None:
+def _write_eval(writer: SummaryWriter | None, metrics: dict[str, Any], step: int, workdir: str) -> None:
+    """Eval metrics to the log, and (process 0, which has the writer) to TensorBoard and history.jsonl."""
+    if writer:
+        plots.append_history(workdir, {"step": step, "eval": {k: v for k, v in metrics.items() if k != "step"}})
     for name, value in metrics.items():
         if writer and name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
             writer.add_scalar(f"eval/{name}", value, step)

@@ -289,6 +289,46 @@ def _lookup(tokens: list[bytes], table: dict[bytes, int]) -> np.ndarray:
     return np.fromiter(map(table.get, tokens, repeat(0)), np.int32, len(tokens))
 
 
+def open_vocabularies(data_dir: str | os.PathLike, vocabs: Vocabularies) -> Vocabularies:
+    """`vocabs` extended with every token of the train and test files it lacks (new ids after its own, in
+    order of first appearance): an encoding that keeps every raw id distinct, for embeddings keyed by raw
+    ids (EmbeddingVariable), where a token outside the vocabulary files is still an id of its own."""
+    tables = {name: dict(getattr(vocabs, name)) for name in VOCAB_NAMES}
+    for split in ("train", "test"):
+        for name, tokens in _file_tokens(sample_source(data_dir, split)).items():
+            table = tables[name]
+            next_id = max(table.values(), default=-1) + 1
+            for token in dict.fromkeys(tokens):
+                if token not in table:
+                    table[token] = next_id
+                    next_id += 1
+    return Vocabularies(**tables)
+
+
+def _file_tokens(path: str) -> dict[str, list[str]]:
+    """All tokens of a sample file per vocabulary, in file order (duplicates kept)."""
+    if path.endswith(PARQUET_SUFFIX):
+        table = _read_parquet(path)
+        column = lambda name: _string_column(path, table, name).to_pylist()  # noqa: E731
+        history = lambda name: _history_column(path, table, name)[1].to_pylist()  # noqa: E731
+        return {"uid": column("uid"), "mid": column("mid") + history("hist_mids"),
+                "cat": column("cat") + history("hist_cats")}
+    lines = _split_lines(read_bytes(path))
+    _check_field_counts(path, lines)
+    fields = b"\t".join(lines).split(b"\t")
+    decode = lambda tokens: [t.decode("utf-8", "replace") for t in tokens]  # noqa: E731
+    return {"uid": decode(fields[1::6]), "mid": decode(fields[2::6] + _history_tokens(fields[4::6])),
+            "cat": decode(fields[3::6] + _history_tokens(fields[5::6]))}
+
+
+def tokens_by_id(vocab: dict[str, int]) -> list[str]:
+    """The token of every id 0..max id ('' where no token has that id)."""
+    tokens = [""] * (max(vocab.values(), default=-1) + 1)
+    for token, index in vocab.items():
+        tokens[index] = token
+    return tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # Parquet
 
@@ -491,5 +531,5 @@ def _remove_stale_caches(current: str) -> None:
 
 __all__ = [
     "DataError", "Vocabularies", "EncodedSplit", "load_vocab", "find_vocab", "load_vocabularies",
-    "encode_file", "sample_path", "sample_source", "load_split", "TRAIN_FILE", "TEST_FILE", "PARQUET_SUFFIX",
+    "encode_file", "sample_path", "sample_source", "load_split", "open_vocabularies", "tokens_by_id", "TRAIN_FILE", "TEST_FILE", "PARQUET_SUFFIX",
 ]

@@ -1,0 +1,228 @@
+"""The host side of DeepRec's embedding kinds: per table a din_jax.ev mapping from ids to rows, in step order.
+
+config picks a kind per feature (seed flags --ev, --ev_filter, --ev_elimination, --adaptive_emb,
+--multihash, --dynamic_ev, or config.embeddings.<feature>). Before a train step, every process maps
+the ids of the whole global batch (so every process's mapping stays identical), keeps its own rows'
+share, and passes the rows to (re)initialise; the device step then works on rows exactly as with
+plain vocabulary tables. Raw-id kinds (ev, adaptive, dynamic) see each token's 64-bit hash: a token
+absent from the vocabulary files is still its own id. Eviction runs when a checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+from din_jax import ev
+from din_jax.model import BLOCKS, SECOND_ROW, TABLES, TableSpec
+
+Batch = dict[str, Any]
+INIT_SLOTS, INIT_SOURCES = "_init_slots", "_init_sources"  # batch column suffixes after a table name
+RAW_ID_KINDS = ("ev", "adaptive", "dynamic")                # keyed by raw ids: need no vocabulary
+KIND_CHOICES = ("", "dense") + tuple(k for k in ev.KINDS if k != "dense")
+
+
+def table_kinds(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The embedding kind of each table: config.embeddings.<feature>, else from the seed's flags.
+
+    --adaptive_emb applies to the user feature (DeepRec's DIN: hash_bucket_size 100000 for uid); --dynamic_ev,
+    --multihash and --ev to every feature, in that order of precedence.
+    """
+    kinds = {}
+    for table in TABLES:
+        feature = table.removesuffix("_table")
+        chosen = config.embeddings[feature]
+        if not chosen:
+            chosen = ("adaptive" if config.adaptive_emb and feature == "uid" else "dynamic" if config.dynamic_ev
+                      else "multihash" if config.multihash else "ev" if config.ev else "dense")
+        kinds[table] = chosen
+    return kinds
+
+
+def uses_raw_ids(config: ml_collections.ConfigDict) -> bool:
+    """Whether some table is keyed by raw ids (the loader must keep every token distinct)."""
+    return any(kind in RAW_ID_KINDS for kind in table_kinds(config).values())
+
+
+def create_mappings(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, int],
+                    id_sizes: Mapping[str, int]) -> dict[str, ev.IdMapping]:
+    """The mapping of every table for `config`: vocabulary kinds sized by `vocab_sizes`; raw-id kinds hold up to
+    config.ev_capacity rows (0: as many as the data's distinct ids, `id_sizes`)."""
+    e = config.model.embedding_dim
+    filters = dict(filter=config.ev_filter or None, filter_freq=config.ev_filter_freq,
+                   cbf_false_positive=config.ev_cbf_false_positive)
+    mappings = {}
+    for table, kind in table_kinds(config).items():
+        feature = table.removesuffix("_table")
+        size = vocab_sizes[feature]
+        capacity = config.ev_capacity or id_sizes[feature]
+        # Each table gets its own default matrix, initialised as its dense table would be (uid: truncated normal).
+        keyed = dict(dim=e, seed=config.seed + len(mappings), name=feature,
+                     initializer="truncated_normal" if feature == "uid" else "glorot_uniform")
+        if kind == "dense":
+            mappings[table] = ev.DenseVocabulary(size, name=feature)
+        elif kind == "multihash":
+            mappings[table] = ev.MultiHash(size, e, combiner=config.multihash_combiner, name=feature)
+        elif kind == "ev":
+            mappings[table] = ev.EmbeddingVariable(capacity, capacity_field="config.ev_capacity", **keyed, **filters)
+        elif kind == "dynamic":
+            mappings[table] = ev.DynamicDimension(capacity, block_size=config.dynamic_block_size,
+                                                  thresholds=tuple(config.dynamic_thresholds),
+                                                  decay=config.dynamic_decay, capacity_field="config.ev_capacity",
+                                                  **keyed, **filters)
+        elif kind == "adaptive":
+            mappings[table] = ev.AdaptiveEmbedding(capacity, config.adaptive_hash_bucket_size,
+                                                   promote_freq=config.adaptive_promote_freq, **keyed)
+        else:
+            raise ValueError(f"config.embeddings.{feature}={kind!r} is not one of {KIND_CHOICES}")
+    return mappings
+
+
+def table_spec(mapping: ev.IdMapping, embedding_dim: int) -> TableSpec:
+    """How the device builds embeddings from this mapping's rows."""
+    if isinstance(mapping, ev.MultiHash):
+        return TableSpec(mapping.num_rows, mapping.row_dim, combiner=mapping.combiner)
+    if isinstance(mapping, ev.DynamicDimension):
+        return TableSpec(mapping.num_rows, embedding_dim, block_size=mapping.block_size)
+    return TableSpec(mapping.num_rows, embedding_dim)
+
+
+class HostEmbeddings:
+    """Every table's mapping, and the raw id of each encoded token for raw-id kinds.
+
+    raw_ids[feature]: int64 [vocabulary size] hash of the token with that index (None: the kind takes
+    vocabulary indices). Stateful: map training batches once each, in step order, on every process.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mappings: dict[str, ev.IdMapping],
+                 raw_ids: Mapping[str, np.ndarray | None], vocab_sizes: Mapping[str, int]):
+        self.config, self.mappings, self.raw_ids = config, mappings, dict(raw_ids)
+        self.vocab_sizes = dict(vocab_sizes)  # vocabulary kinds: encoded ids past the vocabulary are unknown (0)
+        self.specs = {table: table_spec(m, config.model.embedding_dim) for table, m in mappings.items()}
+        self.defaults = {table: self._default_matrix(table, m) for table, m in mappings.items()}
+
+    def _default_matrix(self, table: str, mapping: ev.IdMapping) -> np.ndarray:
+        """The fixed [4096, E] matrix newly admitted rows start from (row hash(id) mod 4096).
+
+        Its spread is that of the table's dense initialiser: truncated normal 1/sqrt(E) for users (as the uid
+        table), and for items and categories the variance glorot-uniform gives a table of `capacity` rows
+        (2 / (capacity + E)) - a glorot matrix of 4096 rows would start small tables' rows several times smaller.
+        """
+        e = self.config.model.embedding_dim
+        capacity = getattr(mapping, "capacity", 0)
+        if not capacity:
+            return np.zeros((ev.DEFAULT_ROWS, self.specs[table].width), np.float32)  # never read
+        stddev = e**-0.5 if table == "uid_table" else (2.0 / (capacity + e)) ** 0.5
+        return ev.default_matrix(self.config.seed + list(TABLES).index(table), e, "truncated_normal", stddev)
+
+    @property
+    def active(self) -> bool:
+        """Whether batches go through the mappings: some table is not a plain vocabulary table, or incremental
+        checkpoints need the rows each step touches (otherwise batches pass through unchanged)."""
+        return bool(self.config.incremental_ckpt) or any(not isinstance(m, ev.DenseVocabulary)
+                                                         for m in self.mappings.values())
+
+    @property
+    def stateful(self) -> bool:
+        """Whether mapping a training batch changes state (every process must see every global batch)."""
+        return any(not isinstance(m, (ev.DenseVocabulary, ev.MultiHash)) for m in self.mappings.values())
+
+    def table_rows(self) -> dict[str, int]:
+        """Rows of each device table, by feature name (the model's vocab_sizes)."""
+        return {table.removesuffix("_table"): m.num_rows for table, m in self.mappings.items()}
+
+    def map_batch(self, batch: Batch, step: int, train: bool) -> Batch:
+        """`batch` with every id column replaced by rows (plus second rows / live blocks and, when training,
+        the rows to initialise before the step). Padding rows and masked history positions look nothing up."""
+        out = dict(batch)
+        real_rows = np.asarray(batch["weight"]) > 0
+        for table, mapping in self.mappings.items():
+            columns = TABLES[table]
+            feature = table.removesuffix("_table")
+            pieces = []
+            for column in columns:
+                ids = np.asarray(batch[column]).astype(np.int64)
+                real = real_rows if ids.ndim == 1 else real_rows[:, None] & np.asarray(batch["hist_mask"])
+                if self.raw_ids.get(feature) is not None:
+                    ids = self.raw_ids[feature][ids]
+                else:
+                    ids = np.where(ids < self.vocab_sizes[feature], ids, 0)
+                pieces.append(np.where(real, ids, -1).reshape(-1))
+            lookup = mapping.map(np.concatenate(pieces), step, train)
+            if lookup.num_rows != mapping.num_rows or lookup.num_rows != self.specs[table].rows:
+                raise ev.CapacityError(f"embedding '{feature}' is full ({self.specs[table].rows} rows); raise "
+                                       "config.ev_capacity (tables cannot grow during a run)")
+            offset = 0
+            for column in columns:
+                size = np.asarray(batch[column]).size
+                shape = np.shape(batch[column])
+                out[column] = lookup.slots[offset:offset + size].reshape(shape)
+                if lookup.slots_r is not None:
+                    out[column + SECOND_ROW] = lookup.slots_r[offset:offset + size].reshape(shape)
+                if lookup.blocks is not None:
+                    out[column + BLOCKS] = lookup.blocks[offset:offset + size].reshape(shape).astype(np.int32)
+                offset += size
+            if train:  # padded to the batch's lookups of this table (the most it can admit): one shape per run
+                size = offset
+                slots = np.full(size, mapping.num_rows, np.int32)
+                sources = np.zeros(size, np.int32)
+                slots[:len(lookup.init_slots)] = lookup.init_slots
+                sources[:len(lookup.init_sources)] = lookup.init_sources
+                out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources
+        return out
+
+    def touched(self, batch: Batch) -> dict[str, np.ndarray]:
+        """The rows a mapped batch reads, per table (for incremental checkpoints)."""
+        real_rows = np.asarray(batch["weight"]) > 0
+        out = {}
+        for table, spec in self.specs.items():
+            rows = []
+            for column in TABLES[table]:
+                for name in (column, column + SECOND_ROW):
+                    if name in batch:
+                        values = np.asarray(batch[name])
+                        real = real_rows if values.ndim == 1 else real_rows[:, None] & np.asarray(batch["hist_mask"])
+                        rows.append(values[real])
+            rows = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int32)
+            init = np.asarray(batch.get(table + INIT_SLOTS, np.zeros(0, np.int32)))
+            every = np.union1d(rows, init)
+            out[table] = every[every < spec.rows].astype(np.int32)
+        return out
+
+    def evict(self, step: int, row_weights: Callable[[str], np.ndarray]) -> dict[str, int]:
+        """Applies config.ev_elimination (when a checkpoint is saved); returns evicted rows per feature.
+
+        row_weights(table) -> DeepRec's l2 measure 0.5 * |row|^2 of every row of that device table.
+        """
+        policy, evicted = self.config.ev_elimination, {}
+        for table, mapping in self.mappings.items():
+            if not policy or not hasattr(mapping, "evict_stale"):
+                continue
+            if policy == "gstep":
+                result = mapping.evict_stale(step, self.config.ev_steps_to_live)
+            else:
+                result = mapping.evict_small(row_weights(table), self.config.ev_l2_threshold)
+            evicted[table.removesuffix("_table")] = len(result.slots)
+        return evicted
+
+    def initial_rows(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(slots, sources) of each table to initialise when the state is created (adaptive shared rows)."""
+        return {table: m.initial_rows() for table, m in self.mappings.items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every mapping's state, as flat named arrays (saved in checkpoints next to the train state)."""
+        return {f"embedding/{table}/{name}": value for table, m in self.mappings.items()
+                for name, value in m.state_dict().items()}
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Restores what state_dict saved (a checkpoint without it leaves the mappings fresh)."""
+        for table, mapping in self.mappings.items():
+            prefix = f"embedding/{table}/"
+            state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if state:
+                mapping.load_state_dict(state)
+
+    def stats(self) -> dict[str, dict]:
+        return {table.removesuffix("_table"): m.stats() for table, m in self.mappings.items()}
