@@ -145,3 +145,15 @@ def test_a_run_resumes_from_increments_on_top_of_the_last_full_checkpoint(tmp_pa
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(final_params(tmp_path / "straight"))[0],
                             jax.tree.leaves(final_params(tmp_path / "crashed"))):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_two_processes_admit_the_same_ids_to_the_same_rows_and_train_as_one(tmp_path):
+    from tests.test_parallel import assert_same_training, launch
+    flags = ("--config.ev=True", "--config.ev_filter=counter", "--config.adaptive_emb=True",
+             "--config.adaptive_hash_bucket_size=50", "--config.steps=6")
+    for count, name in ((1, "one"), (2, "two")):
+        run = launch(count, tmp_path / name, *flags)
+        assert run.returncode == 0, run.stdout[-3000:]
+    assert_same_training(tmp_path / "one", tmp_path / "two", 6)
+    stats = [json.loads((tmp_path / name / "train_summary.json").read_text())["embeddings"] for name in ("one", "two")]
+    assert stats[0] == stats[1]
