@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_dir = ""      # seed --checkpoint; '' -> WORKDIR/checkpoints
     config.save_steps = 0           # periodic checkpoints every N steps, 0 = only the final one
     config.keep_checkpoint_max = 1
+    config.intra = 0                # seed --intra: CPU cores (XLA:CPU's intra-op threads) per process, 0 = all
     config.timeline = 0             # profile N steps with jax.profiler (TensorBoard / Perfetto trace)
 
     # --- DeepRec's embedding features (seed flags; din_jax/ev.py, din_jax/host_embeddings.py) ---------------

@@ -31,7 +31,7 @@ _CHOICES = {
 _POSITIVE = ("prefetch_depth", "adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
              "keep_checkpoint_max", "model.embedding_dim", "ev_filter_freq", "adaptive_hash_bucket_size",
              "adaptive_promote_freq", "dynamic_block_size", "dynamic_decay")
-_NON_NEGATIVE = ("ev_capacity", "ev_steps_to_live", "incremental_ckpt", "workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
+_NON_NEGATIVE = ("intra", "ev_capacity", "ev_steps_to_live", "incremental_ckpt", "workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

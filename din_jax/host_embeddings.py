@@ -173,24 +173,6 @@ class HostEmbeddings:
                 out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources
         return out
 
-    def touched(self, batch: Batch) -> dict[str, np.ndarray]:
-        """The rows a mapped batch reads, per table (for incremental checkpoints)."""
-        real_rows = np.asarray(batch["weight"]) > 0
-        out = {}
-        for table, spec in self.specs.items():
-            rows = []
-            for column in TABLES[table]:
-                for name in (column, column + SECOND_ROW):
-                    if name in batch:
-                        values = np.asarray(batch[name])
-                        real = real_rows if values.ndim == 1 else real_rows[:, None] & np.asarray(batch["hist_mask"])
-                        rows.append(values[real])
-            rows = np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int32)
-            init = np.asarray(batch.get(table + INIT_SLOTS, np.zeros(0, np.int32)))
-            every = np.union1d(rows, init)
-            out[table] = every[every < spec.rows].astype(np.int32)
-        return out
-
     def evict(self, step: int, row_weights: Callable[[str], np.ndarray]) -> dict[str, int]:
         """Applies config.ev_elimination (when a checkpoint is saved); returns evicted rows per feature.
 

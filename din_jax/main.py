@@ -91,6 +91,7 @@ def main(argv: list[str]) -> None:
         _exit(f"cannot load the config file given by --config ({_one_line(e)}); pass a file such as configs/default.py")
     try:
         cluster = parallel.resolve_cluster(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        parallel.limit_cpus(config.intra)  # before the first computation sizes XLA's thread pool
     except parallel.ParallelError as e:
         _exit(str(e))
     parallel.initialize(cluster, FLAGS.heartbeat_timeout_seconds, FLAGS.initialization_timeout_seconds)

@@ -114,6 +114,21 @@ def initialize(cluster: Cluster | None, heartbeat_timeout_seconds: int = 30,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
+def limit_cpus(count: int) -> None:
+    """The seed's --intra: run this process on its first `count` allowed CPU cores (0: all of them).
+
+    XLA:CPU sizes its intra-op thread pool from the cores the process may use, so this must run before
+    the first computation; afterwards it still confines the threads to those cores.
+    """
+    if count <= 0:
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if count > len(allowed):
+        raise ParallelError(f"config.intra={count} asks for more cores than this process may use ({len(allowed)}); "
+                            f"pass at most {len(allowed)}, or 0 for all")
+    os.sched_setaffinity(0, allowed[:count])
+
+
 def is_primary() -> bool:
     """Whether this is process 0, the one that writes shared files (metrics, TensorBoard, prepared data)."""
     return jax.process_index() == 0

@@ -126,3 +126,12 @@ def test_two_processes_with_sharded_tables_train_resume_and_evaluate_as_one_repl
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert resumed.stdout.count("Resumed from checkpoint at step 3") == 2
     assert_same_training(tmp_path / "one", tmp_path / "two", 6)
+
+
+def test_intra_confines_the_process_to_its_first_cores():
+    script = ("import os; from din_jax import parallel; parallel.limit_cpus(1); "
+              "print(sorted(os.sched_getaffinity(0)) == sorted(os.sched_getaffinity(0))[:1], len(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "1"]
+    with pytest.raises(ParallelError, match="config.intra=100000 asks for more cores"):
+        parallel.limit_cpus(100_000)
