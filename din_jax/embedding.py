@@ -46,7 +46,8 @@ def row_lookups(batch: Mapping[str, Array], table_sizes: Mapping[str, int],
     for table in TABLES:
         columns = lookup_columns(table, (specs or {}).get(table))
         ids = jnp.concatenate([touched_ids(batch, c, table_sizes[table]) for c in columns])
-        unique, inverse = jnp.unique(ids, size=ids.shape[0], fill_value=table_sizes[table], return_inverse=True)
+        size = min(ids.shape[0], table_sizes[table] + 1)  # the padding id (table size) is one of the values
+        unique, inverse = jnp.unique(ids, size=size, fill_value=table_sizes[table], return_inverse=True)
         lookups[table] = RowLookup(unique, inverse.reshape(-1))
     return lookups
 
