@@ -123,7 +123,7 @@ def reference_encode(path, vocabs: dict[str, dict[str, int]]) -> dict[str, list]
     return out
 
 
-def test_real_crlf_fragment_matches_line_by_line_reading(tmp_path):
+def test_real_crlf_fragment_matches_line_by_line_reading(tmp_path, shared_data):
     with open(FRAGMENT, "rb") as f:
         assert b"\r\n" in f.read()
     shutil.copy(FRAGMENT, tmp_path / dien.TEST_FILE)
@@ -170,7 +170,7 @@ def test_text_vocab_repeated_token_names_the_line(tmp_path):
         dien.load_vocab(path)
 
 
-def test_python2_pickles_load_with_sizes_max_id_plus_one():
+def test_python2_pickles_load_with_sizes_max_id_plus_one(shared_data):
     vocabs = dien.load_vocabularies(PICKLES)
     assert vocabs.mid["default_mid"] == 24915
     assert vocabs.sizes == {"uid": 70679, "mid": 24916, "cat": 1601}
