@@ -827,6 +827,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  jax.process_count(), mesh.size, ", work queue" if config.workqueue else "")
 
     compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, float("nan")
+    eval_seconds = 0.0  # periodic evaluations, kept out of the training throughput
     trained_examples = 0
     eval_metrics: dict[str, Any] = {}
     progress = tqdm(total=steps_per_epoch if math.isinf(total_steps) else total_steps, initial=first_step,
@@ -851,7 +852,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step == first_step:  # the first step compiles: time it apart from throughput
                 jax.block_until_ready(state.step)
                 compile_seconds = time.perf_counter() - timer
-                timer = time.perf_counter()
+                timer = interval_start = time.perf_counter()
             else:
                 timed_samples += examples
                 interval_samples += examples
@@ -863,7 +864,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.log_every_steps == 0 or last:
                 _check_finite(first_bad, None, checkpointer)
                 loss = float(step_metrics["loss"])
-                timed_seconds = time.perf_counter() - timer
+                timed_seconds = time.perf_counter() - timer - eval_seconds
                 rate = timed_samples / timed_seconds if timed_seconds > 0 else 0.0
                 progress.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:,.0f}")
                 if writer:
@@ -875,15 +876,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 interval_start, interval_samples = time.perf_counter(), 0
             if not config.no_eval and config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
                 _check_finite(first_bad, None, checkpointer)
+                started = time.perf_counter()
                 _write_eval(writer, evaluate(trainer, state, data.test, config), step, workdir)
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
+                eval_seconds += interval_start - started
             if checkpointer.is_save_step(step):
                 _check_finite(first_bad, state, checkpointer)
                 saver.full(step, state, source)
             else:
                 saver.incremental(step, state, source)
         jax.block_until_ready(state)
-        timed_seconds = time.perf_counter() - timer if step > first_step else 0.0
+        timed_seconds = time.perf_counter() - timer - eval_seconds if step > first_step else 0.0
         progress.close()
         source.close()
         _check_finite(first_bad, state, checkpointer)
