@@ -81,9 +81,8 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
     if special and config.shard_embeddings:
         raise ConfigError(f"embedding kinds {special} do not combine with config.shard_embeddings=True yet; "
                           "turn one of them off")
-    stateful = sorted({kind for kind in kinds.values() if kind not in ("dense", "multihash")})
-    if stateful and config.workqueue:
-        raise ConfigError(f"embedding kinds {stateful} map ids in step order from whole global batches, which the "
+    if special and config.workqueue:
+        raise ConfigError(f"embedding kinds {special} map ids on the host from whole global batches, which the "
                           "work queue does not give every process; set config.workqueue=False")
     if config.incremental_ckpt and (config.workqueue or config.shard_embeddings or not config.sparse_embeddings):
         raise ConfigError("config.incremental_ckpt needs config.sparse_embeddings=True, and does not combine with "

@@ -157,3 +157,14 @@ def test_two_processes_admit_the_same_ids_to_the_same_rows_and_train_as_one(tmp_
     assert_same_training(tmp_path / "one", tmp_path / "two", 6)
     stats = [json.loads((tmp_path / name / "train_summary.json").read_text())["embeddings"] for name in ("one", "two")]
     assert stats[0] == stats[1]
+
+
+@pytest.mark.parametrize("flags, named", [(dict(multihash=True, workqueue=True), "config.workqueue=False"),
+                                          (dict(ev=True, shard_embeddings=True), "shard_embeddings"),
+                                          (dict(ev=True, sparse_embeddings=False), "sparse_embeddings=True"),
+                                          (dict(ev_filter="counter"), "none is one")])
+def test_impossible_embedding_combinations_are_one_sentence_naming_the_key(flags, named):
+    from din_jax.config_check import ConfigError, validate
+    config = config_for(**flags)
+    with pytest.raises(ConfigError, match=named):
+        validate(config)
