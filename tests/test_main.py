@@ -67,3 +67,19 @@ def test_tiny_run_prints_results_and_writes_profile(tmp_path, extra):
     traces = [f for _, _, files in os.walk(workdir / "profile") for f in files if f.endswith(".xplane.pb")]
     assert traces, "the --config.timeline trace was not written"
     assert "checkpoint_manager.py" not in result.stderr  # orbax chatter is filtered
+
+
+def test_only_orbax_leftovers_of_a_reported_failure_are_kept_out_of_stderr(monkeypatch):
+    import types
+    from din_jax import main as main_module
+    shown = []
+    monkeypatch.setattr(main_module.sys, "__unraisablehook__", shown.append)
+    namespace: dict = {}
+    exec(compile("async def read():\n    pass\n", "/site-packages/orbax/checkpoint/serialization.py", "exec"), namespace)
+    orbax_read = namespace["read"]()
+    main_module._unraisable(types.SimpleNamespace(exc_value=Exception("reading array index"), object=orbax_read))
+    main_module._unraisable(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None))
+    other = types.SimpleNamespace(exc_value=ValueError("ours"), object=None)
+    main_module._unraisable(other)
+    orbax_read.close()
+    assert shown == [other]
