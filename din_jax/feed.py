@@ -48,6 +48,7 @@ class WorkQueueFeed:
         self.pack_size = self._epoch_pack_size()
         self._prefetcher = Prefetcher(self._contributions(queue), self._prepare, config.prefetch_depth)
         self._empty = self._build(np.zeros(0, np.int64), -1)
+        self._empty_prepared = self._prepare(self._empty)  # every empty share is this one
 
     def _epoch_pack_size(self) -> int:
         """The packed history size that fits every device shard of every unit (the same in every process)."""
@@ -81,7 +82,7 @@ class WorkQueueFeed:
             ready = None
         if ready is not None and not self._prefetcher.at_end():
             return ready
-        contribution, prepared = ready if ready is not None else (self._empty, self._prepare(self._empty))
+        contribution, prepared = ready if ready is not None else (self._empty, self._empty_prepared)
         if self._prefetcher.at_end():  # nothing left after this share: say so in it
             done = {QUEUE_DONE: np.ones(self.unit_size, np.float32)}
             contribution = contribution._replace(batch={**contribution.batch, **done})

@@ -178,19 +178,23 @@ def test_predict_takes_raw_examples_as_dicts(model, test_file):
                                                "history_categories": ["c"]}])
 
 
-def test_loads_in_a_fresh_process_without_the_training_code(model_dir, model, test_file):
-    examples = [e._asdict() for e in read_examples(test_file)[:4]]
+def predict_in_a_fresh_process(model_dir, examples, training_modules=("din_jax.train",)) -> np.ndarray:
+    """load_model(model_dir).predict(examples) in a new interpreter that must not import the training code."""
     script = (
         "import json, sys\n"
         "from din_jax import load_model\n"
-        f"model = load_model({model_dir!r})\n"
-        f"print(json.dumps(model.predict({examples!r}).tolist()))\n"
+        f"print(json.dumps(load_model({str(model_dir)!r}).predict({examples!r}).tolist()))\n"
         "training = [m for m in sys.modules if m.split('.')[0] in ('configs', 'ml_collections', 'orbax', 'optax',"
-        " 'flax', 'input_pipeline') or m == 'din_jax.train']\n"
+        f" 'flax', 'input_pipeline') or m in {tuple(training_modules)!r}]\n"
         "assert not training, training\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    np.testing.assert_allclose(json.loads(result.stdout), model.predict(examples), atol=1e-7)
+    return np.array(json.loads(result.stdout))
+
+
+def test_loads_in_a_fresh_process_without_the_training_code(model_dir, model, test_file):
+    examples = [e._asdict() for e in read_examples(test_file)[:4]]
+    np.testing.assert_allclose(predict_in_a_fresh_process(model_dir, examples), model.predict(examples), atol=1e-7)
 
 
 def test_predict_command_writes_scores_and_prints_throughput(model_dir, model, test_file, tmp_path):
@@ -432,16 +436,9 @@ def test_an_embedding_kind_export_loads_without_the_training_code(raw_ids_run):
     kind_run = raw_ids_run
     examples = [e._asdict() for e in read_examples(dien.sample_path(kind_run.data.data_dir, "test"))[:4]]
     examples.append({**examples[0], "uid": "never-seen-user", "history_items": ["new-1"], "history_categories": ["c"]})
-    script = (
-        "import json, sys\n"
-        "from din_jax import load_model\n"
-        f"print(json.dumps(load_model({kind_run.model_dir!r}).predict({examples!r}).tolist()))\n"
-        "training = [m for m in sys.modules if m.split('.')[0] in ('configs', 'ml_collections', 'orbax', 'optax',"
-        " 'flax', 'input_pipeline') or m in ('din_jax.train', 'din_jax.host_embeddings', 'din_jax.model')]\n"
-        "assert not training, training\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    np.testing.assert_allclose(json.loads(result.stdout), kind_run.model.predict(examples), atol=1e-7)
+    scores = predict_in_a_fresh_process(kind_run.model_dir, examples,
+                                        ("din_jax.train", "din_jax.host_embeddings", "din_jax.model"))
+    np.testing.assert_allclose(scores, kind_run.model.predict(examples), atol=1e-7)
 
 
 def test_export_refuses_a_checkpoint_without_the_embeddings_id_maps(raw_ids_run, tmp_path):
