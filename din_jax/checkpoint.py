@@ -11,6 +11,7 @@ CheckpointError of one sentence; the existing checkpoints stay as they were.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -76,9 +77,15 @@ class StopSignals:
                     "send it again to abort without one\n".encode())
 
 
-def require_writable(directory: str, what: str) -> None:
+def require_writable(directory: str, what: str, keep: bool = True) -> None:
     """Creates `directory` if needed and writes (and removes) a file in it; if it cannot, a CheckpointError naming
-    `what`, the flag that chooses the directory."""
+    `what`, the flag that chooses the directory. keep=False removes the directories this created again (a run that
+    then fails on its data leaves no empty checkpoint directory behind)."""
+    created = []
+    parent = os.path.abspath(directory)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        created.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
@@ -86,6 +93,10 @@ def require_writable(directory: str, what: str) -> None:
     except OSError as e:
         raise CheckpointError(f"cannot write in {os.path.abspath(directory)} ({_os_reason(e)}); make it writable "
                               f"or pass another {what}") from None
+    finally:
+        for path in created if not keep else ():
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
 
 def config_changes(config_file: str, config: Mapping[str, Any]) -> list[str]:

@@ -58,6 +58,7 @@ from absl import app, flags, logging
 from jax import export as jax_export
 
 from din_jax import ev  # numpy only: the embedding kinds' id -> row mappings
+from din_jax import jsonfile
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -119,6 +120,11 @@ class Encoder:
     def ids(self, column: str, tokens: Iterable[str]) -> np.ndarray:
         """The ids of `tokens` in vocabulary `column` ('uid', 'mid' or 'cat'), int32; unknown tokens -> 0."""
         return np.fromiter(map(self._ids[column].get, tokens, repeat(0)), np.int32)
+
+    def unknown(self, column: str, tokens: Sequence[str]) -> int:
+        """How many of `tokens` the vocabulary `column` lacks (they are scored as the unknown id 0)."""
+        known = self._ids[column]
+        return sum(token not in known for token in tokens)
 
     def lookup(self, batch: Batch) -> Batch:
         """The batch of ids as the inference function takes it: unchanged (the ids are the table rows)."""
@@ -205,6 +211,17 @@ class EmbeddingEncoder:
             return np.fromiter(map(self._ids[column].get, tokens, repeat(0)), np.int64)
         return ev.hash_tokens(list(tokens))
 
+    def unknown(self, column: str, tokens: Sequence[str]) -> int:
+        """How many of `tokens` feature `column` has nothing learned for: vocabulary-keyed features' tokens outside
+        the vocabulary (scored as id 0); raw-keyed ones' ids without a row (they read zeros, or adaptive's shared row)."""
+        if column in self._ids:
+            known = self._ids[column]
+            return sum(token not in known for token in tokens)
+        if not tokens:
+            return 0
+        found = self.mappings[column].map(ev.hash_tokens(list(tokens)), 0, train=False)
+        return int(np.count_nonzero(found.slots >= found.num_rows))
+
     def lookup(self, batch: Batch) -> Batch:
         """A batch of keys as the inference function takes it: every id column replaced by table rows, plus
         the second rows and live blocks of the kinds that have them; padding rows (weight 0) and masked
@@ -255,7 +272,7 @@ class EmbeddingEncoder:
         """Writes the vocabularies (of the vocabulary-keyed features), the kinds and options, and the state."""
         with open(os.path.join(directory, VOCABULARIES_FILE), "w", encoding="utf-8") as f:
             json.dump(self.tokens, f, ensure_ascii=False)
-        _write_json(os.path.join(directory, EMBEDDINGS_FILE), self.features)
+        jsonfile.write(os.path.join(directory, EMBEDDINGS_FILE), self.features)
         np.savez(os.path.join(directory, EMBEDDING_STATE_FILE), **self.state_dict())
 
     @classmethod
@@ -465,6 +482,14 @@ class ExportedModel:
         function's inputs (ids, or with embedding kinds table rows and their extra columns)."""
         return make_batch(examples, self.encoder, self.max_seq_length, self.history_keep, size)
 
+    def unknown_tokens(self, examples: Sequence[Example]) -> dict[str, int]:
+        """Per feature (uid, mid, cat), how many tokens of `examples` (targets and histories) the model has nothing
+        learned for (see the encoder's `unknown`)."""
+        tokens = {"uid": [e.uid for e in examples],
+                  "mid": [e.item for e in examples] + [t for e in examples for t in e.history_items],
+                  "cat": [e.category for e in examples] + [t for e in examples for t in e.history_categories]}
+        return {column: self.encoder.unknown(column, tokens[column]) for column in ID_COLUMNS}
+
     def score(self, examples: Sequence[Example], size: int) -> tuple[jax.Array, jax.Array]:
         """Starts scoring `examples` padded to `size` rows (each new size compiles once); returns without waiting."""
         return self._dispatch(self.encode(examples, size))
@@ -616,6 +641,7 @@ def export_model(workdir: str, out_dir: str, overwrite: bool = False) -> str:
     if restored is None:
         raise ExportError(f"{workdir}: no checkpoint in {checkpoints}; {_train_hint(workdir)}")
     state, extra = restored
+    state = trainer.readable(state)  # exact Adam's checkpoints keep untouched rows lagging (Trainer.readable)
     if all(isinstance(m, ev.DenseVocabulary) for m in trainer.host.mappings.values()):
         encoder: Encoder | EmbeddingEncoder = Encoder(tokens)
     else:
@@ -641,8 +667,8 @@ def export_model(workdir: str, out_dir: str, overwrite: bool = False) -> str:
             f.write(function.serialize())
         np.savez(os.path.join(tmp, VARIABLES_FILE), **_flatten(stored))
         encoder.save(tmp)
-        _write_json(os.path.join(tmp, CONFIG_FILE), run)
-        _write_json(os.path.join(tmp, MANIFEST), manifest)
+        jsonfile.write(os.path.join(tmp, CONFIG_FILE), run)
+        jsonfile.write(os.path.join(tmp, MANIFEST), manifest)
     return out_dir
 
 
@@ -770,11 +796,6 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _write_json(path: str, payload: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=float)
 
 
 @contextlib.contextmanager

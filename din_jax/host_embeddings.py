@@ -25,18 +25,22 @@ KIND_CHOICES = ("", "dense") + tuple(k for k in ev.KINDS if k != "dense")
 
 
 def table_kinds(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """The embedding kind of each table: config.embeddings.<feature>, else from the seed's flags.
+    """The embedding kind of each table: config.embeddings.<feature>, else from the seed's flags as DeepRec's DIN
+    combines them.
 
-    --adaptive_emb applies to the user feature (DeepRec's DIN: hash_bucket_size 100000 for uid); --dynamic_ev,
-    --multihash and --ev to every feature, in that order of precedence.
+    --dynamic_ev and --ev make every feature an EmbeddingVariable (dynamic dimension first); they win over
+    --adaptive_emb (DeepRec's DIN builds the uid from EV when --ev is set) and --multihash. --adaptive_emb
+    applies to the user feature (hash_bucket_size 100000 for uid), --multihash to item and category only; a
+    multi-hash uid is the explicit choice config.embeddings.uid='multihash'.
     """
     kinds = {}
     for table in TABLES:
         feature = table.removesuffix("_table")
         chosen = config.embeddings[feature]
         if not chosen:
-            chosen = ("adaptive" if config.adaptive_emb and feature == "uid" else "dynamic" if config.dynamic_ev
-                      else "multihash" if config.multihash else "ev" if config.ev else "dense")
+            chosen = ("dynamic" if config.dynamic_ev else "ev" if config.ev
+                      else "adaptive" if config.adaptive_emb and feature == "uid"
+                      else "multihash" if config.multihash and feature != "uid" else "dense")
         kinds[table] = chosen
     return kinds
 
@@ -207,4 +211,10 @@ class HostEmbeddings:
                 mapping.load_state_dict(state)
 
     def stats(self) -> dict[str, dict]:
-        return {table.removesuffix("_table"): m.stats() for table, m in self.mappings.items()}
+        """Each table's mapping stats; `rows_touched` only where the mappings saw the batches (not `active`: plain
+        vocabulary tables whose batches bypass them, so they cannot know)."""
+        out = {table.removesuffix("_table"): m.stats() for table, m in self.mappings.items()}
+        if not self.active:
+            for stats in out.values():
+                stats.pop("rows_touched", None)
+        return out

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import logging as std_logging
 import os
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,14 +39,44 @@ def parse_flags(argv: list[str]) -> list[str]:
         return FLAGS(argv)
     except flags.Error as e:
         _exit(f"{e}; see --helpfull")
-    except (AttributeError, KeyError) as e:
-        keys = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        bad = str(e).strip("\"'")
-        named = next((k for k in keys if k.split(".")[-1] == bad or f".{bad}." in k), f"config.{bad}")
-        _exit(f"unknown config key {named.lstrip('-')!r}: it is not a field of the config file; "
-              "list the fields with `python -c 'from configs import default; print(default.get_config())'`")
+    except (AttributeError, KeyError):
+        _exit(unknown_key_message(argv))
     except (OSError, SyntaxError, ImportError) as e:
         _exit(f"cannot load the config file given by --config ({e}); pass a file such as configs/default.py")
+
+
+def unknown_key_message(argv: list[str]) -> str:
+    """The sentence for a --config.key override that names no field, with the closest field when one is near."""
+    config = _load_config(argv)
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg.split("=")[0].removeprefix("--config.").split(".")
+        node, walked = config, ["config"]
+        for part in path:
+            if node is None or not hasattr(node, "keys") or part not in node:
+                fields = list(node.keys()) if node is not None and hasattr(node, "keys") else []
+                named = ".".join(walked + [part])
+                close = difflib.get_close_matches(part, fields, n=1)
+                if close:
+                    return f"unknown config key {named!r} (did you mean {'.'.join(walked + close)!r}?)"
+                return (f"unknown config key {named!r}: it is not a field of the config file; list the fields with "
+                        "`python -c 'from configs import default; print(default.get_config())'`")
+            node, walked = node[part], walked + [part]
+    return "unknown config key; list the fields with `python -c 'from configs import default; print(default.get_config())'`"
+
+
+def _load_config(argv: list[str]) -> Any:
+    """The config file given by --config in `argv`, loaded without overrides (None if it cannot be)."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value is not None:
+            try:
+                return FLAGS["config"].parser.parse(value)
+            except Exception:  # noqa: BLE001 - the override error is the one to report
+                return None
+    return None
 
 
 def _one_line(error: Exception) -> str:

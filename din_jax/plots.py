@@ -13,7 +13,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from din_jax import jsonfile
 from input_pipeline.textio import atomic_write
 
 HISTORY_FILE = "history.jsonl"
@@ -36,7 +37,7 @@ def append_history(workdir: str, record: dict[str, Any]) -> None:
     first record then starts a new line instead of gluing onto the cut one.
     """
     path = os.path.join(workdir, HISTORY_FILE)
-    line = json.dumps(record, default=_python_scalar).encode() + b"\n"
+    line = jsonfile.dumps(record).encode() + b"\n"
     with open(path, "ab+") as f:
         if f.seek(0, os.SEEK_END):
             f.seek(-1, os.SEEK_END)
@@ -45,11 +46,12 @@ def append_history(workdir: str, record: dict[str, Any]) -> None:
         f.write(line)
 
 
-def _python_scalar(value: Any) -> int | float:
-    """A numpy or jax scalar as the Python number json writes."""
-    if not hasattr(value, "item"):
-        raise TypeError(f"{type(value).__name__} is not a JSON value")
-    return value.item()
+def drop_history(workdir: str, drop: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrites WORKDIR/history.jsonl (atomically) without the records for which `drop` is true, if there are any."""
+    history = read_history(workdir)
+    if any(drop(record) for record in history):
+        with atomic_write(os.path.join(workdir, HISTORY_FILE), "w") as f:
+            f.writelines(jsonfile.dumps(r) + "\n" for r in history if not drop(r))
 
 
 def read_history(workdir: str) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from din_jax.export import DEFAULT_BATCH_SIZE, Example, ExportedModel, ExportError, load_model, parse_flags, run_command
+from din_jax.export import DEFAULT_BATCH_SIZE, ID_COLUMNS, Example, ExportedModel, ExportError, load_model, parse_flags, run_command
 from input_pipeline.errors import DataError, bad_line
 from input_pipeline.textio import atomic_write, open_lines
 
@@ -52,6 +52,16 @@ class Stats:
     examples: int
     seconds: float          # reading, scoring and writing everything, compiling included
     compile_seconds: float  # of which the first batch (the inference function compiles for its size)
+    unknown_tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # per feature: nothing learned for them
+
+    def unknown_summary(self) -> str:
+        """'' when every token was known, else e.g. '12 unknown tokens (uid 2, mid 10, cat 0) scored as unknown'."""
+        total = sum(self.unknown_tokens.values())
+        if not total:
+            return ""
+        parts = ", ".join(f"{column} {count:,}" for column, count in self.unknown_tokens.items())
+        return (f"{total:,} tokens unknown to the model ({parts}): scored as the unknown id 0 (embedding kinds: "
+                "a zero or shared row)")
 
     @property
     def examples_per_sec(self) -> float:
@@ -150,6 +160,7 @@ def predict_file(model: ExportedModel, input_path: str, output_path: str, explai
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     count, start, compile_seconds = 0, time.perf_counter(), 0.0
+    unknown = dict.fromkeys(ID_COLUMNS, 0)
     with tqdm(desc="predict", unit=" examples", disable=not progress, dynamic_ncols=True) as bar, \
             atomic_write(output_path, "w") as out:
         pending = None  # the previous batch: written while this one is scored
@@ -161,11 +172,13 @@ def predict_file(model: ExportedModel, input_path: str, output_path: str, explai
                 compile_seconds = time.perf_counter() - batch_start
             if pending:
                 _write_pending(out, pending, explain, model, bar)
+            for column, n in model.unknown_tokens([line.example for line in lines]).items():  # while it runs
+                unknown[column] += n
             pending = (lines, scored)
             count += len(lines)
         if pending:
             _write_pending(out, pending, explain, model, bar)
-    return Stats(count, time.perf_counter() - start, compile_seconds)
+    return Stats(count, time.perf_counter() - start, compile_seconds, unknown)
 
 
 def _write_pending(out: IO[str], pending: tuple, explain: bool, model: ExportedModel, bar: tqdm) -> None:
@@ -196,6 +209,8 @@ def main(argv: list[str]) -> None:
     stats = run_command(argv, command, (DataError, ExportError))
     print(f"scored {stats.examples:,} examples in {stats.seconds:.2f} s: {stats.examples_per_sec:,.0f} examples/s "
           f"({stats.compile_seconds:.2f} s of it compiling) -> {f.output}")
+    if stats.unknown_summary():
+        print(stats.unknown_summary())
 
 
 if __name__ == "__main__":

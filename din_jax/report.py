@@ -14,9 +14,13 @@ def results_table(results: dict[str, Any], workdir: str) -> str:
             rows.append((f"test {name}", f"{evaluation[name]:.5f}"))
     if "num_examples" in evaluation:
         rows.append(("test examples", f"{evaluation['num_examples']:,}"))
-    if train.get("samples_per_sec"):
-        rows.append(("train samples/s", f"{train['samples_per_sec']:,.0f}"))
-    rows += [("compile seconds", f"{train['compile_seconds']:.1f}"), ("wall seconds", f"{train['wall_seconds']:.1f}")]
+    if train.get("evaluated_only"):  # a rerun of a finished run: nothing trained, nothing compiled for training
+        rows.append(("this run", "evaluated only"))
+    else:
+        if train.get("samples_per_sec"):
+            rows.append(("train samples/s", f"{train['samples_per_sec']:,.0f}"))
+        rows.append(("compile seconds", f"{train['compile_seconds']:.1f}"))
+    rows.append(("wall seconds", f"{train['wall_seconds']:.1f}"))
     width = max(len(name) for name, _ in rows)
     lines = ["", "din_jax results", "-" * (width + 14)]
     lines += [f"{name:<{width}}  {value:>12}" for name, value in rows]

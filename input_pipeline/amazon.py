@@ -24,7 +24,9 @@ them), `reviews-info` (`uid\\tasin\\trating\\ttime` for every review, in file or
 (`asin\\tcategory` for every meta line, in file order). They are written to temporary files and
 renamed into place together at the end, so an error leaves the directory as it was; sample files
 of the other format from an earlier preparation are removed then, since they would not match the
-new vocabularies.
+new vocabularies. A preparation that would leave the train file empty (too little or truncated input,
+or every pair drawn for test) is such an error, as training cannot use it; an empty test file is not
+(the CLI warns about it, and about a truncated file read with `on_bad_line='skip'`).
 
 Deliberate differences from the original scripts:
 - Randomness is seeded: two numpy Generators spawned from `seed`, one for negatives and one for
@@ -154,7 +156,7 @@ class PrepareStats:
     meta_items: int  # meta lines used
     bad_review_lines: int  # skipped with on_bad_line='skip'
     bad_meta_lines: int
-    truncated: tuple[str, ...]  # files whose gzip stream ended early (on_bad_line='skip')
+    truncated: tuple[str, ...]  # files whose gzip stream ended early, as '<path> (after line <n>)' (on_bad_line='skip')
     seconds: float
 
 
@@ -230,6 +232,7 @@ def prepare(reviews: str, meta: str | None, out_dir: str, *, seed: int = 3, test
     item_cat, cat_tokens = _item_categories(data.item_tokens, _reviewed_categories(data.item_tokens, info))
     negative_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     pairs = _pairs(reviews, data, negative_rng, split_rng, test_fraction)
+    _check_train_split(reviews, pairs, bad_reviews + bad_meta, truncated)
     _write_outputs(out_dir, data, pairs, item_cat, cat_tokens, info, format=format, progress=progress)
     return PrepareStats(
         reviews=len(data.uid), users=len(data.uid_tokens), items=len(data.item_tokens),
@@ -262,18 +265,25 @@ class _Stopped(Exception):
     """The other file's reader failed; this one stops without a result."""
 
 
-def _blocks(path: str, skip: bool, stop: threading.Event) -> Iterator[LineBlock | None]:
-    """The file's line blocks; with `skip`, an unreadable rest of the stream ends them with a None."""
+def _blocks(path: str, skip: bool, stop: threading.Event) -> Iterator[LineBlock | str]:
+    """The file's line blocks; with `skip`, an unreadable rest of the stream ends them with its `_truncation`."""
+    lines_read = 0
     with line_blocks(path, _BLOCK_BYTES) as blocks:
         try:
             for block in blocks:
                 if stop.is_set():
                     raise _Stopped
+                lines_read = block.first_line + block.lines - 1
                 yield block
         except DataError:
             if not skip:
                 raise
-            yield None
+            yield _truncation(path, lines_read)
+
+
+def _truncation(path: str, lines: int) -> str:
+    """A file whose gzip stream broke off after `lines` whole lines, as PrepareStats.truncated names it."""
+    return f"{path} (after line {lines})"
 
 
 def _bar(path: str, progress: bool, position: int) -> tqdm.tqdm:
@@ -292,8 +302,8 @@ def _read_reviews(path: str, skip: bool, progress: bool, stop: threading.Event,
         for block in blocks:
             if meta_read is not None and meta_read.done() and meta_read.exception() is not None:
                 raise meta_read.exception()
-            if block is None:
-                truncated = (path,)
+            if isinstance(block, str):
+                truncated = (block,)
                 continue
             columns, block_bad = _review_block(path, block, skip)
             for part, column in zip((uid, item, rating, seconds), columns):
@@ -418,8 +428,8 @@ def _read_meta(path: str, skip: bool, progress: bool, stop: threading.Event) -> 
     truncated: tuple[str, ...] = ()
     with _bar(path, progress, 1) as bar, contextlib.closing(_blocks(path, skip, stop)) as blocks:
         for block in blocks:
-            if block is None:
-                truncated = (path,)
+            if isinstance(block, str):
+                truncated = (block,)
                 continue
             block_asin, block_category, block_bad = _meta_block(path, block, skip)
             asin.append(block_asin)
@@ -542,8 +552,8 @@ def _read(path: str, skip: bool, parse_batch) -> tuple[list, int, tuple[str, ...
     bad = 0
     truncated: tuple[str, ...] = ()
     for batch in _line_batches(path, skip):
-        if batch is None:
-            truncated = (path,)
+        if isinstance(batch, str):
+            truncated = (batch,)
             continue
         rows, batch_bad = parse_batch(path, *batch, skip)
         parts.append(rows)
@@ -551,10 +561,11 @@ def _read(path: str, skip: bool, parse_batch) -> tuple[list, int, tuple[str, ...
     return parts, bad, truncated
 
 
-def _line_batches(path: str, skip: bool) -> Iterator[tuple[list[int], list[bytes]] | None]:
-    """(line numbers, lines) of non-empty lines in batches; a final None marks a skipped truncation."""
+def _line_batches(path: str, skip: bool) -> Iterator[tuple[list[int], list[bytes]] | str]:
+    """(line numbers, lines) of non-empty lines in batches; a final `_truncation` marks a skipped truncation."""
     numbers: list[int] = []
     lines: list[bytes] = []
+    number = 0
     with open_lines(path) as stream:
         try:
             for number, line in stream:
@@ -568,7 +579,7 @@ def _line_batches(path: str, skip: bool) -> Iterator[tuple[list[int], list[bytes
             if not skip:
                 raise
             yield numbers, lines
-            yield None
+            yield _truncation(path, number)
             return
     yield numbers, lines
 
@@ -642,6 +653,21 @@ def _pairs(path: str, data: _Reviews, negative_rng: np.random.Generator,
     return _Pairs(uid=users[kept], negative=_draw_negatives(data.item, positive, negative_rng),
                   positive=positive, history=items[~is_last], history_length=counts[kept] - 1,
                   test=split_rng.random(len(positive)) < test_fraction)
+
+
+def _check_train_split(path: str, pairs: _Pairs, bad_lines: int, truncated: tuple[str, ...]) -> None:
+    """Raises a DataError, before anything is written, when no pair went to the train split (training needs one)."""
+    train, test = int((~pairs.test).sum()), int(pairs.test.sum())
+    if train:
+        return
+    if truncated:
+        fix = f"the input is truncated at {', '.join(truncated)}: fetch it again, or use more data"
+    elif test:
+        fix = f"all {test} pairs went to the test split: use more data, or a lower --test_fraction"
+    else:
+        fix = ("the input is too small: every user has a single (positive) line, so no pair has a history - "
+               "use more data")
+    raise bad_file(path, f"no train pairs ({cli.counts(train, test, bad_lines)})", fix)
 
 
 def _timelines(uid: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -35,8 +35,32 @@ def _cell(value: int | float | tuple[str, ...]) -> str:
     return f"{value:.2f}" if isinstance(value, float) else f"{value:,}"
 
 
+def counts(train_pairs: int, test_pairs: int, bad_lines: int) -> str:
+    """What a preparation kept and skipped, as its warnings and errors state it."""
+    return f"train pairs: {train_pairs:,}, test pairs: {test_pairs:,}, bad lines skipped: {bad_lines:,}"
+
+
+def warnings(stats: Any) -> list[str]:
+    """What makes a prepared directory incomplete or unusable for training, one sentence each.
+
+    `stats` has the fields train_pairs, test_pairs, truncated and one or more bad_* (lines skipped).
+    """
+    bad_lines = sum(getattr(stats, field.name) for field in dataclasses.fields(stats) if field.name.startswith("bad_"))
+    kept = counts(stats.train_pairs, stats.test_pairs, bad_lines)
+    found = [f"truncated input: {file} - the rest of its gzip stream is missing or corrupt and was not read ({kept}); "
+             "fetch the file again for the whole data set" for file in stats.truncated]
+    if not stats.test_pairs:
+        found.append(f"the test split is empty ({kept}); python -m din_jax.main loads it even with "
+                     "--config.no_eval=true and stops there - prepare again from complete raw files, or with more "
+                     "users or a larger --test_fraction")
+    return found
+
+
 def run(argv: list[str], prepare: Callable[[Any], Any]) -> None:
-    """Runs prepare(flags) and prints its summary; a DataError is one line on stderr and exit status 1."""
+    """Runs prepare(flags) and prints its summary, then any `warnings` on stderr (exit status 0).
+
+    A DataError (such as an empty train split) is one line on stderr and exit status 1.
+    """
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -45,3 +69,5 @@ def run(argv: list[str], prepare: Callable[[Any], Any]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(summary(stats))
+    for warning in warnings(stats):
+        print(f"warning: {warning}.", file=sys.stderr)

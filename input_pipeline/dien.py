@@ -186,7 +186,7 @@ def encode_file(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSplit:
         return _encode_parquet(path, vocabs)
     lines = _split_lines(read_bytes(path))
     if not lines:
-        raise bad_file(path, "no samples", PREPARE_HINT)
+        raise _empty_split(path, "the file is empty")
     _check_field_counts(path, lines)
     fields = b"\t".join(lines).split(b"\t")
     del lines
@@ -207,6 +207,17 @@ def encode_file(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSplit:
         hist_cats=_lookup_histories(hist_cats, tables["cat"]),
         user=_lookup(uids, {u: i for i, u in enumerate(dict.fromkeys(uids))}),
     )
+
+
+def _empty_split(path: str | os.PathLike, problem: str) -> DataError:
+    """The DataError for a sample file that exists but holds no samples: a preparation kept no pairs for it."""
+    name = os.path.basename(os.fspath(path)).removesuffix(PARQUET_SUFFIX)
+    kept, more = {TRAIN_FILE: ("no train pairs", "more users (or a lower --test_fraction)"),
+                  TEST_FILE: ("no test pairs", "more users (or a larger --test_fraction)")}.get(
+        name, ("no pairs", "more users"))
+    return bad_file(path, f"{problem} (0 samples)",
+                    f"the preparation that wrote it kept {kept} - prepare again from complete raw files, "
+                    f"or with {more}")
 
 
 def _split_lines(text: bytes) -> list[bytes]:
@@ -337,7 +348,7 @@ def _encode_parquet(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSpl
     """Encodes a Parquet sample file; its rows are the text file's lines, so errors name rows."""
     table = _read_parquet(path)
     if not table.num_rows:
-        raise bad_file(path, "no samples", PREPARE_HINT)
+        raise _empty_split(path, "the file has no rows")
     uid, mid, cat = (_string_column(path, table, name) for name in ("uid", "mid", "cat"))
     mid_offsets, hist_mids = _history_column(path, table, "hist_mids")
     cat_offsets, hist_cats = _history_column(path, table, "hist_cats")

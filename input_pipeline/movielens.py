@@ -39,8 +39,9 @@ import time
 import numpy as np
 from absl import app, flags
 
-from input_pipeline.amazon import (DEFAULT_CAT, _checked, _first_categories, _item_categories, _Malformed, _pairs,
-                                   _parse_lines, _read, _review_columns, _write_outputs, checked_fields)
+from input_pipeline.amazon import (DEFAULT_CAT, _check_train_split, _checked, _first_categories, _item_categories,
+                                   _Malformed, _pairs, _parse_lines, _read, _review_columns, _write_outputs,
+                                   checked_fields)
 from input_pipeline import cli
 from input_pipeline.errors import bad_file, bad_line
 from input_pipeline.textio import open_lines
@@ -88,7 +89,7 @@ class PrepareStats:
     movies: int  # movies-file lines used
     bad_rating_lines: int  # skipped with on_bad_line='skip'
     bad_movie_lines: int
-    truncated: tuple[str, ...]  # files whose gzip stream ended early (on_bad_line='skip')
+    truncated: tuple[str, ...]  # files whose gzip stream ended early, as '<path> (after line <n>)' (on_bad_line='skip')
     seconds: float
 
 
@@ -122,6 +123,7 @@ def prepare(ratings: str, movies: str, out_dir: str, *, min_rating: float = 4.0,
     item_cat, cat_tokens = _item_categories(data.item_tokens, _first_categories(movie_rows))
     negative_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     pairs = _pairs(ratings, data, negative_rng, split_rng, test_fraction)
+    _check_train_split(ratings, pairs, bad_ratings + bad_movies, truncated + movies_truncated)
     _write_outputs(out_dir, data, pairs, item_cat, cat_tokens, movie_rows)
     return PrepareStats(
         ratings=len(table), positives=len(positive), users=len(data.uid_tokens), items=len(data.item_tokens),

@@ -12,7 +12,8 @@ preparation turns into the labelled pair - comes from a minor interest with prob
 (books of a series, parts of a kit). So the signal is one or two history items among many: a plain
 sum of the history is dominated by the major interest, while DIN's candidate-aware terms can pick the
 related items out. The negative of each pair is a popularity-weighted random item (DIEN's rule),
-mostly unrelated to the user. `benchmarks/attention_gain.py` measures the effect.
+mostly unrelated to the user. `python benchmarks/sweep.py --field model.attention --values softmax,none`
+measures the effect (README, "What DIN's history modelling buys").
 """
 
 from __future__ import annotations

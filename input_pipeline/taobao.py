@@ -36,7 +36,8 @@ from typing import Iterable
 import numpy as np
 from absl import app, flags
 
-from input_pipeline.amazon import checked_fields, _pairs, _parse_lines, _read, _Reviews, _write_outputs
+from input_pipeline.amazon import (checked_fields, _check_train_split, _pairs, _parse_lines, _read, _Reviews,
+                                   _write_outputs)
 from input_pipeline import cli
 from input_pipeline.errors import bad_file
 from input_pipeline.textio import open_lines
@@ -67,7 +68,7 @@ class PrepareStats:
     dropped_users: int  # users with a single positive (no history)
     items_with_several_categories: int  # kept at their first positive row's category
     bad_lines: int  # skipped with on_bad_line='skip'
-    truncated: tuple[str, ...]  # the file, when its gzip stream ended early (on_bad_line='skip')
+    truncated: tuple[str, ...]  # the file, as '<path> (after line <n>)', if its gzip stream ended early (skip)
     seconds: float
 
 
@@ -104,6 +105,7 @@ def prepare(behaviors: str, out_dir: str, *, behavior: str | Iterable[str] = ("p
                     uid_tokens=uid_tokens, item_tokens=item_tokens)
     negative_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     pairs = _pairs(behaviors, data, negative_rng, split_rng, test_fraction)
+    _check_train_split(behaviors, pairs, bad, truncated)
     _write_outputs(out_dir, data, pairs, item_cat, cat_tokens,
                    list(zip(item_tokens.tolist(), cat_tokens[item_cat].tolist())))
     return PrepareStats(

@@ -35,7 +35,8 @@ def process_env(base: Mapping[str, str], process_id: int, num_processes: int, ad
     env = dict(base)
     env.update({parallel.ENV_COORDINATOR_ADDRESS: address, parallel.ENV_NUM_PROCESSES: str(num_processes),
                 parallel.ENV_PROCESS_ID: str(process_id), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
-    # One CPU device per process (DESIGN.md, multi-host pitfalls): drop any forced host device count.
+    # One CPU device per process: two processes with two virtual CPU devices each deadlocked here (jax 0.10.2)
+    # when 100+ steps were dispatched without blocking. Drop any forced host device count.
     xla_flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join(f for f in xla_flags if not f.startswith("--xla_force_host_platform_device_count"))
     return env

@@ -13,7 +13,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from input_pipeline import amazon, synthetic
+from input_pipeline import amazon, cli, synthetic
 from input_pipeline.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,6 +37,13 @@ def write(path: pathlib.Path, lines: list[str]) -> str:
     """Writes `lines` (gzip-compressed for *.gz) and returns the path."""
     data = "".join(line + "\n" for line in lines).encode("utf-8")
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return str(path)
+
+
+def truncated_gzip(path: pathlib.Path, lines: list[str] | list[bytes]) -> str:
+    """Writes `lines` as a gzip stream that then breaks off inside one more line (a cut-short second member)."""
+    data = b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
+    path.write_bytes(gzip.compress(data) + gzip.compress(b"a line that is lost " * 20)[:-10])
     return str(path)
 
 
@@ -126,15 +133,13 @@ def test_vocabularies_rank_most_frequent_first(tmp_path):
     assert vocabulary(tmp_path / "out", "mid_voc") == {"default_mid": 0, "OFTEN": 1, "FIRST_SEEN": 2}
 
 
-def test_all_pairs_to_test_leaves_train_and_vocabularies_empty(forced, tmp_path):
+def test_all_pairs_to_test_is_a_data_error_that_writes_nothing(forced, tmp_path):
     out = tmp_path / "out"
-    stats = amazon.prepare(*forced, str(out), test_fraction=1.0)
-    assert read_lines(out, amazon.TEST_FILE) == FORCED_SAMPLES
-    assert read_lines(out, amazon.TRAIN_FILE) == []
-    assert (stats.train_pairs, stats.test_pairs) == (0, 2)
-    assert vocabulary(out, "uid_voc") == {}
-    assert vocabulary(out, "mid_voc") == {"default_mid": 0}
-    assert vocabulary(out, "cat_voc") == {"default_cat": 0}
+    with pytest.raises(DataError) as error:
+        amazon.prepare(*forced, str(out), test_fraction=1.0)
+    assert str(error.value) == (f"{forced[0]}: no train pairs (train pairs: 0, test pairs: 2, bad lines skipped: 0); "
+                                "all 2 pairs went to the test split: use more data, or a lower --test_fraction.")
+    assert not out.exists()
 
 
 def test_info_files_match_the_dien_intermediate_formats(forced, tmp_path):
@@ -405,7 +410,42 @@ def test_truncated_gzip_is_a_data_error_naming_the_file(shared_data, tmp_path):
 def test_truncated_gzip_with_skip_keeps_the_readable_lines(shared_data, tmp_path):
     path = str(shared_data / "amazon_reviews/reviews_Electronics_5.TRUNCATED.json.gz")
     stats = amazon.prepare(path, None, str(tmp_path / "out"), on_bad_line="skip")
-    assert stats.truncated == (path,) and stats.reviews > 0
+    assert stats.truncated == (f"{path} (after line 290)",) and stats.reviews == 290
+
+
+def test_cli_warns_when_a_skipped_truncation_leaves_the_test_split_empty(tmp_path, capsys):
+    reviews = truncated_gzip(tmp_path / "r.json.gz", FORCED_REVIEWS[:2] + ["{not json"] + FORCED_REVIEWS[2:])
+    cli.run(["amazon"], lambda _: amazon.prepare(reviews, None, str(tmp_path / "out"), test_fraction=0.0,
+                                                 on_bad_line="skip"))
+    out, err = capsys.readouterr()
+    assert f"truncated           {reviews} (after line 6)\n" in out
+    counts = "train pairs: 2, test pairs: 0, bad lines skipped: 1"
+    assert err.splitlines() == [
+        f"warning: truncated input: {reviews} (after line 6) - the rest of its gzip stream is missing or corrupt "
+        f"and was not read ({counts}); fetch the file again for the whole data set.",
+        f"warning: the test split is empty ({counts}); python -m din_jax.main loads it even with "
+        "--config.no_eval=true and stops there - prepare again from complete raw files, or with more users or a "
+        "larger --test_fraction."]
+    assert read_lines(tmp_path / "out", amazon.TRAIN_FILE) == [
+        line.replace("Zcat", "default_cat") for line in FORCED_SAMPLES]
+
+
+def test_cli_fails_in_one_line_when_a_skipped_truncation_leaves_no_train_pair(tmp_path, capsys):
+    reviews = truncated_gzip(tmp_path / "r.json.gz", FORCED_REVIEWS[:3])  # three users, one review each
+    with pytest.raises(SystemExit) as exit:
+        cli.run(["amazon"], lambda _: amazon.prepare(reviews, None, str(tmp_path / "out"), on_bad_line="skip"))
+    assert exit.value.code == 1
+    assert capsys.readouterr() == ("", (
+        f"error: {reviews}: no train pairs (train pairs: 0, test pairs: 0, bad lines skipped: 0); the input is "
+        f"truncated at {reviews} (after line 3): fetch it again, or use more data.\n"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_small_an_input_is_a_data_error_even_without_skipping(tmp_path):
+    reviews = write(tmp_path / "r.json", FORCED_REVIEWS[:3])
+    with pytest.raises(DataError, match=r"r\.json: no train pairs \(train pairs: 0, test pairs: 0, bad lines "
+                                        r"skipped: 0\); the input is too small: every user has a single"):
+        amazon.prepare(reviews, None, str(tmp_path / "out"))
 
 
 BAD_LINES = {

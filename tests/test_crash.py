@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from din_jax.checkpoint import StopSignals
+from din_jax import train
+from din_jax.checkpoint import Checkpointer, StopSignals
 from tests.test_parallel import TINY, restored_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +179,19 @@ def test_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(runs, straig
                      f"{workdir}/checkpoints/{STEPS} (step {STEPS}) is the last good one - lower "
                      "--config.learning_rate (or check the data), then rerun to resume from it")
     assert files_digest(workdir / "checkpoints") == before
+
+
+def test_divergence_before_any_checkpoint_says_there_is_nothing_to_resume_from(tmp_path):
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), save_steps=0, keep_max=1)
+    try:
+        with pytest.raises(train.DivergedError) as error:
+            train._check_finite(jax.numpy.array(3), None, checkpointer)
+    finally:
+        checkpointer.close()
+    assert str(error.value) == (
+        "the training loss was NaN or Inf at step 3; training stopped before any checkpoint was written, so there is "
+        "nothing to resume from - lower --config.learning_rate (or check the data) and rerun the same command: it "
+        "starts again from step 0 (--config.save_steps=N keeps checkpoints on the way)")
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, straight, tmp_path):

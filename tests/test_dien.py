@@ -16,6 +16,7 @@ from input_pipeline import amazon, dien, synthetic
 from input_pipeline.errors import DataError
 
 from tests.conftest import SHARED_DATA
+from tests.test_amazon import FORCED_REVIEWS, write as write_reviews
 
 SHARED = str(SHARED_DATA)
 FRAGMENT = os.path.join(SHARED, "dien_fragments", "local_test")
@@ -273,9 +274,24 @@ def test_missing_sample_file_says_how_to_prepare(tmp_path):
         load(tmp_path, "train")
 
 
-def test_empty_sample_file_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="no samples"):
-        load(prepared_dir(tmp_path, b"\r\n\n"))
+@pytest.mark.parametrize("split, more", [("test", "a larger"), ("train", "a lower")])
+def test_empty_sample_file_names_the_empty_split_not_a_missing_preparation(tmp_path, split, more):
+    path = tmp_path / dien.SPLIT_FILES[split]
+    with pytest.raises(DataError) as error:
+        load(prepared_dir(tmp_path, b"\r\n\n", split), split)
+    assert str(error.value) == (f"{path}: the file is empty (0 samples); the preparation that wrote it kept no "
+                                f"{split} pairs - prepare again from complete raw files, or with more users (or "
+                                f"{more} --test_fraction).")
+
+
+@pytest.mark.parametrize("format", amazon.FORMATS)
+def test_prepared_directory_with_an_empty_test_split_says_so(tmp_path, format):
+    reviews = write_reviews(tmp_path / "r.json", FORCED_REVIEWS)
+    amazon.prepare(reviews, None, str(tmp_path / "out"), test_fraction=0.0, format=format)
+    with pytest.raises(DataError, match=r"local_test_splitByUser(\.parquet)?: the file (is empty|has no rows) "
+                                        r"\(0 samples\); the preparation that wrote it kept no test pairs") as error:
+        load(tmp_path / "out")
+    assert "input_pipeline.amazon" not in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +385,9 @@ def test_unreadable_or_empty_parquet_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not a readable Parquet file"):
         load(tmp_path)
     pq.write_table(pa.table({name: column.slice(0, 0) for name, column in FOUR_ROWS.items()}), path)
-    with pytest.raises(DataError, match="no samples"):
+    with pytest.raises(DataError, match=re.escape(f"{path}: the file has no rows (0 samples); the preparation that "
+                                                  "wrote it kept no test pairs - prepare again from complete raw "
+                                                  "files, or with more users (or a larger --test_fraction).")):
         load(tmp_path)
 
 

@@ -312,6 +312,9 @@ def test_dynamic_blocks_grow_with_decayed_frequency():
     assert dyn.map(ids(7, 8), 3, False).blocks.tolist() == [2, 0]  # 4.25 * 0.5 = 2.125; 8 has no row
     assert dyn.map(ids(7), 4, False).blocks.tolist() == [1]  # 4.25 * 0.25 = 1.06
     assert dyn.map(ids(7, 7), 3, True).blocks.tolist() == [3, 3]  # evaluation changed nothing: 2.125 + 2
+    dyn.map(ids(9), 6, True)  # training reaches step 6; 7 was last looked up at 3 with freq 4.125
+    # Evaluation and export pass no step: the frequency is decayed to the latest training step, 4.125 / 8.
+    assert dyn.map(ids(7), 0, False).blocks.tolist() == [1]
 
 
 def test_dynamic_checks_block_options():
@@ -417,3 +420,21 @@ def test_stats_report_rows_and_memory():
     assert stats["rows_held"] == 3 and stats["capacity"] == 16 and stats["admitted"] == 3
     assert stats["device_bytes_held"] == 3 * 8 * 4 and stats["device_bytes"] == 16 * 8 * 4
     assert stats["host_bytes"] > 16 * 16
+
+
+# ------------------------------------------------------------------------------------------ host stats
+def test_rows_touched_is_reported_only_where_the_mappings_see_the_batches():
+    from configs import default
+    from din_jax.host_embeddings import HostEmbeddings, create_mappings
+    sizes = {"uid": 5, "mid": 7, "cat": 3}
+    batch = {"uid": np.array([1, 2]), "mid": np.array([3, 3]), "cat": np.array([1, 2]),
+             "hist_mids": np.array([[4, 5], [6, 0]]), "hist_cats": np.array([[1, 1], [2, 0]]),
+             "hist_mask": np.array([[True, True], [True, False]]), "weight": np.ones(2, np.float32)}
+    config = default.get_config()
+    plain = HostEmbeddings(config, create_mappings(config, sizes, sizes), {}, sizes)
+    assert not plain.active  # batches bypass the mappings: rows touched is unknown, so not reported as 0
+    assert all("rows_touched" not in stats for stats in plain.stats().values())
+    config.incremental_ckpt = 60  # increments need the rows each step writes: the mappings see every batch
+    tracked = HostEmbeddings(config, create_mappings(config, sizes, sizes), {}, sizes)
+    tracked.map_batch(batch, 1, train=True)
+    assert {f: s["rows_touched"] for f, s in tracked.stats().items()} == {"uid": 2, "mid": 4, "cat": 2}

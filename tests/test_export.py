@@ -63,7 +63,7 @@ def eval_step_probabilities(run) -> np.ndarray:
     config, workdir, data = run
     trainer = train.create_trainer(config, data.vocabs.sizes)
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 0, 1)
-    state = checkpointer.restore_latest(trainer.init_state(config))
+    state = trainer.readable(checkpointer.restore_latest(trainer.init_state(config)))  # as evaluation reads it
     checkpointer.close()
     out = [np.asarray(trainer.eval_step(state, batch))[batch["weight"] > 0]
            for batch in batches_lib.eval_batches(data.test, config.eval_batch_size, config.max_seq_length,
@@ -117,6 +117,23 @@ def test_predict_scores_equal_the_eval_step_on_the_test_split(model, run, test_f
     assert max(run[2].test.hist_lengths) > MAX_SEQ_LENGTH  # truncation ('last') is part of the comparison
     np.testing.assert_allclose([float(score) for score, _ in rows], eval_step_probabilities(run), atol=1e-6, rtol=0)
     assert [int(label) for _, label in rows] == run[2].test.label.astype(int).tolist()
+
+
+def test_predict_counts_the_tokens_unknown_to_the_model(model, run, test_file, tmp_path):
+    vocabs = run[2].vocabs
+    lines = open(test_file).read().splitlines()
+    unseen = "1\tnew_user\tnew_item\tnew_cat\tnew_item2\x02" + lines[0].split("\t")[2] + "\tnew_cat\x02" + \
+        lines[0].split("\t")[3]
+    path = tmp_path / "with_unseen.txt"
+    path.write_text("\n".join(lines + [unseen]) + "\n")
+    examples = read_examples(path)
+    expected = {"uid": sum(e.uid not in vocabs.uid for e in examples),
+                "mid": sum(t not in vocabs.mid for e in examples for t in [e.item, *e.history_items]),
+                "cat": sum(t not in vocabs.cat for e in examples for t in [e.category, *e.history_categories])}
+    assert expected["mid"] >= 2 and expected["cat"] >= 2
+    stats = predict.predict_file(model, str(path), str(tmp_path / "scores.txt"), batch_size=16)
+    assert stats.unknown_tokens == expected
+    assert stats.unknown_summary().startswith(f"{sum(expected.values()):,} tokens unknown to the model (uid ")
 
 
 def test_explain_weights_sum_to_one_over_the_real_history_and_zero_elsewhere(model, test_file):
@@ -334,6 +351,7 @@ def kind_run(request) -> KindRun:
 
 def host_eval_probabilities(trainer, state, batches) -> np.ndarray:
     """trainer.eval_step on host-mapped batches (as training evaluates), real rows only."""
+    state = trainer.readable(state)
     return np.concatenate([np.asarray(trainer.eval_step(state, trainer.host.map_batch(b, 0, train=False)))
                            [b["weight"] > 0] for b in batches])
 

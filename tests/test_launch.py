@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
 import pathlib
@@ -14,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from din_jax import parallel
+from din_jax import parallel, progress
 from launch import local
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,6 +82,34 @@ def test_a_killed_process_stops_the_others_within_60_seconds(tmp_path):
         for p in processes:
             if p.poll() is None:
                 p.kill()
+
+
+def test_din_launch_is_the_installed_console_script_of_the_launcher():
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="din-launch")
+    assert script.load() is local.main
+
+
+def test_progress_bar_in_a_pipe_writes_plain_lines_not_a_redraw_per_update():
+    out = io.StringIO()  # not a terminal, as the pipe launch.local reads
+    bar = progress.progress_bar(1000, file=out)
+    for step in range(1000):
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{step / 1000:.4f}")
+    bar.close()
+    first, last = out.getvalue().splitlines()  # at the start, and when the bar closes: updates came faster than 30 s
+    assert "\r" not in out.getvalue()
+    assert first.startswith("train:   0%|") and "| 0/1000 " in first
+    assert last.startswith("train: 100%|") and "| 1000/1000 " in last and last.endswith("loss=0.9900]")
+
+
+def test_periodic_lines_write_the_latest_redraw_once_the_interval_has_passed_and_at_the_end():
+    now, out = [0.0], io.StringIO()
+    lines = progress.PeriodicLines(out, 30, clock=lambda: now[0])
+    for t, text in [(0, "\rstep 1   "), (10, "\rstep 2"), (31, "\rstep 3"), (40, "\rstep 4"), (45, "\rstep 5\n")]:
+        now[0] = t
+        lines.write(text)
+    assert out.getvalue() == "step 1\nstep 3\nstep 5\n"
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)

@@ -33,6 +33,17 @@ def test_unknown_config_key_is_named(tmp_path):
     assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.model.bogus=3"), 2, "'config.model.bogus'")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--config.stepz=10", "error: unknown config key 'config.stepz' (did you mean 'config.steps'?)"),
+    ("--config.model.embeding_dim=8",
+     "error: unknown config key 'config.model.embeding_dim' (did you mean 'config.model.embedding_dim'?)"),
+])
+def test_near_miss_config_key_gets_one_clean_hint(tmp_path, override, message):
+    result = run_main("--workdir", str(tmp_path), override)
+    assert_one_line_error(result, 2)
+    assert result.stderr.strip() == message
+
+
 def test_bad_config_value_and_missing_config_file(tmp_path):
     assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.batch_size=abc"), 2, "--config.batch_size=abc")
     assert_one_line_error(run_main("--workdir", str(tmp_path), "--config.optimizer=sgd"), 1, "config.optimizer='sgd'")

@@ -13,7 +13,7 @@ import pytest
 from input_pipeline import dien, movielens
 from input_pipeline.amazon import TEST_FILE, TRAIN_FILE
 from input_pipeline.errors import DataError
-from tests.test_amazon import read_lines, vocabulary
+from tests.test_amazon import read_lines, truncated_gzip, vocabulary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,15 +90,23 @@ def test_vocabularies_are_counted_on_train_with_defaults_at_zero(layout, tmp_pat
     assert vocabulary(out, "cat_voc") == {"default_cat": 0, cat: 1}
 
 
-def test_all_pairs_to_test_leaves_train_and_vocabularies_empty(layout, tmp_path):
+def test_all_pairs_to_test_is_a_data_error_that_writes_nothing(layout, tmp_path):
     ratings, movies, cat = layout
-    out = tmp_path / "out"
-    stats = movielens.prepare(ratings, movies, str(out), test_fraction=1.0)
-    assert read_lines(out, TEST_FILE) == samples(cat)
-    assert read_lines(out, TRAIN_FILE) == []
-    assert (stats.train_pairs, stats.test_pairs) == (0, 2)
-    assert (vocabulary(out, "uid_voc"), vocabulary(out, "mid_voc"), vocabulary(out, "cat_voc")) == (
-        {}, {"default_mid": 0}, {"default_cat": 0})
+    with pytest.raises(DataError, match=r"ratings: no train pairs \(train pairs: 0, test pairs: 2, bad lines skipped: "
+                                        r"0\); all 2 pairs went to the test split"):
+        movielens.prepare(ratings, movies, str(tmp_path / "out"), test_fraction=1.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_ratings_with_skip_are_named_with_their_last_line_or_an_error_without_train_pairs(tmp_path):
+    movies = write(tmp_path / "movies", MOVIES_1M)
+    ratings = truncated_gzip(tmp_path / "ratings.gz", rating_lines(b"::"))
+    stats = movielens.prepare(ratings, movies, str(tmp_path / "out"), test_fraction=0.0, on_bad_line="skip")
+    assert (stats.truncated, stats.train_pairs) == ((f"{ratings} (after line 7)",), 2)
+    ratings = truncated_gzip(tmp_path / "ratings.gz", rating_lines(b"::")[:2])  # user 7's first two
+    with pytest.raises(DataError, match=r"ratings\.gz: no train pairs \(train pairs: 0, test pairs: 1, bad lines "
+                                        r"skipped: 0\); the input is truncated at .*ratings\.gz \(after line 2\)"):
+        movielens.prepare(ratings, movies, str(tmp_path / "out"), test_fraction=1.0, on_bad_line="skip")
 
 
 def test_info_files_list_positives_and_movie_genres(layout, tmp_path):

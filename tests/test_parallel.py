@@ -69,9 +69,12 @@ def test_single_process_mesh_has_one_data_shard():
 
 
 def launch(num_processes: int, workdir, *flags: str) -> subprocess.CompletedProcess:
+    """The installed launcher, run from outside the checkout with the config file named relative to there."""
+    cwd = workdir.parent
+    config = os.path.relpath(os.path.join(ROOT, "configs", "default.py"), cwd)
     command = [sys.executable, "-m", "launch.local", "--num_processes", str(num_processes), "--",
-               "--config", "configs/default.py", "--workdir", str(workdir), *TINY, *flags]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+               "--config", config, "--workdir", str(workdir), *TINY, *flags]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240)
 
 
 def restored_state(directory) -> dict:
@@ -113,6 +116,7 @@ def test_two_processes_train_resume_and_evaluate_as_one_process(tmp_path):
     assert "[0] din_jax results" in resumed.stdout and "[1] din_jax results" not in resumed.stdout  # process 0 reports
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 2
+    assert (tmp_path / "two" / "plots" / "attention.png").is_file()
     assert_same_training(tmp_path / "one", tmp_path / "two", 8)
 
 
@@ -125,6 +129,7 @@ def test_two_processes_with_sharded_tables_train_resume_and_evaluate_as_one_repl
     resumed = launch(2, tmp_path / "two", "--config.steps=6", "--config.shard_embeddings=True")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert resumed.stdout.count("Resumed from checkpoint at step 3") == 2
+    assert (tmp_path / "two" / "plots" / "attention.png").is_file()  # its rows gathered from both processes
     assert_same_training(tmp_path / "one", tmp_path / "two", 6)
 
 

@@ -13,12 +13,12 @@ import pytest
 from input_pipeline import dien, taobao
 from input_pipeline.amazon import TEST_FILE, TRAIN_FILE
 from input_pipeline.errors import DataError
-from tests.conftest import SHARED_DATA
-from tests.test_amazon import read_lines, vocabulary
+from tests.conftest import SHARED_DATA, SHARED_DATA_MISSING
+from tests.test_amazon import read_lines, truncated_gzip, vocabulary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 USER_BEHAVIOR = SHARED_DATA / "taobao" / "UserBehavior_head4k.csv"
-needs_user_behavior = pytest.mark.skipif(not USER_BEHAVIOR.is_file(), reason=f"{USER_BEHAVIOR} not found")
+needs_user_behavior = pytest.mark.skipif(not USER_BEHAVIOR.is_file(), reason=SHARED_DATA_MISSING)
 
 # Items 100 (category 5) and 200 (category 6) only, so every negative is forced (the other item).
 # User 1's file order differs from its time order; user 3 has only a cart row.
@@ -59,11 +59,28 @@ def test_page_views_give_hand_derived_samples(behaviors, tmp_path):
 @pytest.mark.parametrize("behavior", ["pv,cart,fav,buy", ("buy", "fav", "cart", "pv")])
 def test_every_behaviour_type_can_be_positive(behaviors, tmp_path, behavior):
     out = tmp_path / "out"
-    stats = taobao.prepare(behaviors, str(out), behavior=behavior, test_fraction=1.0)
-    assert read_lines(out, TEST_FILE) == ALL_SAMPLES
-    assert read_lines(out, TRAIN_FILE) == []
+    stats = taobao.prepare(behaviors, str(out), behavior=behavior, test_fraction=0.0)
+    assert read_lines(out, TRAIN_FILE) == ALL_SAMPLES
+    assert read_lines(out, TEST_FILE) == []
     assert (stats.positives, stats.users, stats.dropped_users) == (7, 3, 1)
-    assert (stats.train_pairs, stats.test_pairs) == (0, 2)
+    assert (stats.train_pairs, stats.test_pairs) == (2, 0)
+
+
+def test_all_pairs_to_test_is_a_data_error_that_writes_nothing(behaviors, tmp_path):
+    with pytest.raises(DataError, match=r"UserBehavior\.csv(\.gz)?: no train pairs \(train pairs: 0, test pairs: 2, "
+                                        r"bad lines skipped: 0\); all 2 pairs went to the test split"):
+        taobao.prepare(behaviors, str(tmp_path / "out"), test_fraction=1.0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_file_with_skip_is_named_with_its_last_line_or_an_error_without_train_pairs(tmp_path):
+    path = truncated_gzip(tmp_path / "b.csv.gz", BEHAVIORS)
+    stats = taobao.prepare(path, str(tmp_path / "out"), test_fraction=0.0, on_bad_line="skip")
+    assert (stats.truncated, stats.train_pairs) == ((f"{path} (after line 7)",), 2)
+    path = truncated_gzip(tmp_path / "b.csv.gz", BEHAVIORS[:3])  # user 1's two clicks, user 2's first
+    with pytest.raises(DataError, match=r"b\.csv\.gz: no train pairs \(train pairs: 0, test pairs: 1, bad lines "
+                                        r"skipped: 0\); the input is truncated at .*b\.csv\.gz \(after line 3\)"):
+        taobao.prepare(path, str(tmp_path / "out"), test_fraction=1.0, on_bad_line="skip")
 
 
 def test_vocabularies_are_counted_on_train_with_defaults_at_zero(behaviors, tmp_path):

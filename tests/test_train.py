@@ -10,7 +10,7 @@ import pytest
 
 from configs import default
 from din_jax import train
-from din_jax.config_check import ConfigError
+from din_jax.config_check import ConfigError, validate
 from input_pipeline import batches as batches_lib
 from input_pipeline.errors import DataError
 
@@ -66,6 +66,32 @@ def test_resume_continues_from_latest_checkpoint_exactly(tmp_path, data_dir):
     assert resumed["eval"] == straight
 
 
+def strict_json(path) -> dict:
+    """A JSON file parsed strictly: NaN / Infinity (which json.dump writes by default) are errors."""
+    def refuse(constant):
+        raise ValueError(f"{path}: {constant} is not JSON")
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_rerun_of_a_finished_run_only_evaluates_and_keeps_its_summary(tmp_path, data_dir):
+    workdir = tmp_path / "done"
+    first = train.train_and_evaluate(small_config(data_dir, steps=4), str(workdir))
+    summary = (workdir / "train_summary.json").read_bytes()
+    assert strict_json(workdir / "train_summary.json")["steps_this_run"] == 4
+    again = train.train_and_evaluate(small_config(data_dir, steps=4), str(workdir))
+    assert (workdir / "train_summary.json").read_bytes() == summary  # the training run's summary, untouched
+    assert again["train"]["evaluated_only"] and again["train"]["steps"] == 4 and again["eval"] == first["eval"]
+    history = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "eval" in r] == [4]  # re-evaluated, not recorded twice
+    strict_json(workdir / "eval_metrics.json")
+    (workdir / "train_summary.json").unlink()  # without the training run's summary, one that says what happened
+    train.train_and_evaluate(small_config(data_dir, steps=4), str(workdir))
+    written = strict_json(workdir / "train_summary.json")
+    assert written["evaluated_only"] and written["steps_this_run"] == 0 and written["final_train_loss"] is None
+    assert written["samples_per_sec"] is None
+
+
 def test_one_epoch_by_default_covers_the_train_split(tmp_path, data_dir):
     config = small_config(data_dir, steps=0, no_eval=True)
     results = train.train_and_evaluate(config, str(tmp_path / "epoch"))
@@ -95,7 +121,21 @@ def test_bad_config_and_missing_data_are_one_sentence_errors(tmp_path):
         config.update(dict(shard_embeddings=True, sparse_embeddings=False))
         train.train_and_evaluate(config, str(tmp_path / "run"))
     with pytest.raises(DataError, match=r"no such data directory; prepare one with `python -m input_pipeline.amazon"):
-        train.train_and_evaluate(small_config(str(tmp_path / "missing"), dataset="dien"), str(tmp_path / "run"))
+        train.train_and_evaluate(small_config(str(tmp_path / "missing"), dataset="dien"), str(tmp_path / "new_run"))
+    assert os.listdir(tmp_path / "new_run") == []  # no empty checkpoints/ left behind by a run that failed on its data
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("adagrad_decay_rate", 1.0, r"config.adagrad_decay_rate=1.0 must lie strictly between 0 and 1"),
+    ("adagrad_decay_rate", 0.0, r"config.adagrad_decay_rate=0.0 must lie strictly between 0 and 1"),
+    ("adagrad_decay_rate", -0.5, r"config.adagrad_decay_rate=-0.5 must lie strictly between 0 and 1"),
+    ("adagrad_decay_step", 0, r"config.adagrad_decay_step=0 must be positive")])
+def test_adagrad_decay_settings_outside_deeprec_range_are_one_sentence_errors(key, value, named):
+    """DeepRec's AdagradDecayOptimizer raises for these too (accumulator_decay_rate / _step)."""
+    config = small_config("unused")
+    config[key] = value
+    with pytest.raises(ConfigError, match=named):
+        validate(config)
 
 
 def test_din_beats_plain_sum_pooling_on_the_multi_interest_data(tmp_path):
