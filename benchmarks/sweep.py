@@ -51,11 +51,13 @@ def main(argv: list[str]) -> None:
         _set(config, flags.FLAGS.field, _parse(text))
         results = train.train_and_evaluate(config, os.path.join(flags.FLAGS.workdir, f"{flags.FLAGS.field}={text}"))
         rows.append((text, results["eval"], results["train"]))
-    print(f"| {flags.FLAGS.field} | test AUC | GAUC | logloss | train samples/s | compile s |")
-    print("|---|---|---|---|---|---|")
+    base = rows[0][2]["samples_per_sec"]
+    print(f"| {flags.FLAGS.field} | test AUC | GAUC | logloss | train samples/s | vs first | compile s | table MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for text, evaluation, summary in rows:
         print(f"| {text} | {evaluation['auc']:.4f} | {evaluation['gauc']:.4f} | {evaluation['logloss']:.4f} "
-              f"| {summary['samples_per_sec']:,.0f} | {summary['compile_seconds']:.1f} |")
+              f"| {summary['samples_per_sec']:,.0f} | {summary['samples_per_sec'] / base:.2f}x "
+              f"| {summary['compile_seconds']:.1f} | {summary['table_bytes'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

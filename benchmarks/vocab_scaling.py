@@ -1,9 +1,11 @@
 """Train-step time versus vocabulary size: row-sparse embedding updates against whole-table updates.
 
-  python benchmarks/vocab_scaling.py [--rows 10000,400000,4000000] [--steps 30] [--optimizer adam]
+  python benchmarks/vocab_scaling.py [--rows 10000,400000,4000000] [--steps 30] [--runs adam:sparse,adam:dense]
 
 Every table (uid, item, category) gets the given number of rows; batches are Books-shaped (history
-lengths mean ~14, up to 50). Prints ms/step for both paths and the ratio largest / smallest vocabulary.
+lengths mean ~14, up to 50). Each run is optimizer:path (path `sparse`: row-sparse updates, `dense`: whole
+tables). Prints ms/step of every run, the ratio largest / smallest vocabulary of each, and of every run
+against the first (e.g. exact Adam against lazy Adam: `--runs lazyadam:sparse,adam:sparse`).
 """
 
 from __future__ import annotations
@@ -52,21 +54,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="10000,400000,4000000")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--optimizer", default="adam")
+    parser.add_argument("--runs", default="lazyadam:sparse,adam:sparse,adam:dense")
     parser.add_argument("--batch_size", type=int, default=512)
-    parser.add_argument("--paths", default="sparse,dense")
     args = parser.parse_args()
     sizes = [int(r) for r in args.rows.split(",")]
+    runs = [tuple(run.split(":")) for run in args.runs.split(",")]
     results = {}
-    print(f"{'rows per table':>15}" + "".join(f"{p + ' ms/step':>18}" for p in args.paths.split(",")))
+    print(f"{'rows per table':>15}" + "".join(f"{o + ' ' + p + ' ms/step':>28}" for o, p in runs), flush=True)
     for rows in sizes:
         line = f"{rows:>15,}"
-        for path in args.paths.split(","):
-            results[path, rows] = step_ms(rows, path == "sparse", args.steps, args.optimizer, args.batch_size)
-            line += f"{results[path, rows]:>18.1f}"
+        for optimizer, path in runs:
+            results[optimizer, path, rows] = step_ms(rows, path == "sparse", args.steps, optimizer, args.batch_size)
+            line += f"{results[optimizer, path, rows]:>28.1f}"
         print(line, flush=True)
-    for path in args.paths.split(","):
-        print(f"{path}: largest / smallest vocabulary = {results[path, sizes[-1]] / results[path, sizes[0]]:.2f}x")
+    for run in runs:
+        print(f"{':'.join(run)}: largest / smallest vocabulary = "
+              f"{results[(*run, sizes[-1])] / results[(*run, sizes[0])]:.2f}x")
+    for run in runs[1:]:
+        ratios = ", ".join(f"{results[(*run, rows)] / results[(*runs[0], rows)]:.2f}x" for rows in sizes)
+        print(f"{':'.join(run)} / {':'.join(runs[0])} step time at each size: {ratios}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.no_eval = False
     config.seed = 2021
     config.learning_rate = 0.001
-    config.optimizer = "adam"       # adam | adamasync | adagrad | adagraddecay
+    # adam: TF1 Adam, every table row decays and moves every step as in DeepRec's DIN (exact, at the cost of the
+    # touched rows) | lazyadam: TF's LazyAdam (untouched rows keep their moments) | adamasync | adagrad | adagraddecay
+    config.optimizer = "adam"
     config.adagrad_decay_step = 100_000   # adagraddecay: accumulator_decay_step
     config.adagrad_decay_rate = 0.9       # adagraddecay: accumulator_decay_rate
     config.clip_norm = 5.0          # per-tensor tf.clip_by_norm, as DeepRec's DIN

@@ -28,7 +28,7 @@ _CHOICES = {
     "embeddings.mid": KIND_CHOICES,
     "embeddings.cat": KIND_CHOICES,
 }
-_POSITIVE = ("prefetch_depth", "adagrad_decay_step", "adagrad_decay_rate", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
+_POSITIVE = ("prefetch_depth", "adagrad_decay_step", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
              "keep_checkpoint_max", "model.embedding_dim", "ev_filter_freq", "adaptive_hash_bucket_size",
              "adaptive_promote_freq", "dynamic_block_size", "dynamic_decay")
 _NON_NEGATIVE = ("intra", "ev_capacity", "ev_steps_to_live", "incremental_ckpt", "workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
@@ -52,6 +52,9 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
     for key in _NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"config.{key}={_get(config, key)!r} must be 0 or positive")
+    if not 0 < config.adagrad_decay_rate < 1:
+        raise ConfigError(f"config.adagrad_decay_rate={config.adagrad_decay_rate!r} must lie strictly between 0 and 1 "
+                          "(DeepRec's accumulator_decay_rate; its default is 0.9)")
     for key in ("batch_size", "eval_batch_size"):
         if config[key] % num_shards:
             raise ConfigError(f"config.{key}={config[key]} is not divisible by the {num_shards} devices of this "
@@ -64,8 +67,8 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
         raise ConfigError(f"config.model.batch_norm='batch' would normalise each of the {num_shards} devices' "
                           "shards with their own statistics; use 'frozen' (DeepRec parity) or 'none' in "
                           "multi-device runs")
-    if config.optimizer == "adamasync" and not config.sparse_embeddings:
-        raise ConfigError("config.optimizer='adamasync' updates embedding rows lazily and needs "
+    if config.optimizer in ("adamasync", "lazyadam") and not config.sparse_embeddings:
+        raise ConfigError(f"config.optimizer={config.optimizer!r} updates embedding rows lazily and needs "
                           "config.sparse_embeddings=True")
     if config.shard_embeddings and not config.sparse_embeddings:
         raise ConfigError("config.shard_embeddings=True updates the touched rows of each table shard and needs "
@@ -91,9 +94,10 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
         if config.model.embedding_dim % config.dynamic_block_size:
             raise ConfigError(f"config.dynamic_block_size={config.dynamic_block_size} must divide "
                               f"config.model.embedding_dim={config.model.embedding_dim}")
-    if config.ev_filter and not any(kind in ("ev", "dynamic") for kind in kinds.values()):
-        raise ConfigError(f"config.ev_filter={config.ev_filter!r} filters EmbeddingVariable features; none is one "
-                          "(set config.ev=True or config.embeddings.<feature>='ev')")
+    for key in ("ev_filter", "ev_elimination"):
+        if config[key] and not any(kind in ("ev", "dynamic") for kind in kinds.values()):
+            raise ConfigError(f"config.{key}={config[key]!r} applies to EmbeddingVariable features; none is one "
+                              "(set config.ev=True or config.embeddings.<feature>='ev')")
     if config.multihash_combiner == "concat" and config.model.embedding_dim % 2 and "multihash" in kinds.values():
         raise ConfigError(f"config.multihash_combiner='concat' joins two half rows; config.model.embedding_dim="
                           f"{config.model.embedding_dim} must be even")

@@ -740,8 +740,10 @@ class DynamicDimension(EmbeddingVariable):
 
     Rule, per admitted id: at each training step that looks it up c times,
         freq <- freq * decay ** (step - last step it was looked up) + c      (freq = c on admission)
-    and blocks = min(1 + #{t in thresholds: freq >= t}, dim / block_size). Evaluation uses the decayed
-    freq * decay ** (step - last) without changing it. Lookups without a row get blocks = 0.
+    and blocks = min(1 + #{t in thresholds: freq >= t}, dim / block_size). Evaluation (train=False) uses the
+    frequency decayed to now, freq * decay ** (now - last) with now the latest step training looked anything up
+    (or `step`, if later), without changing it: evaluation, export and predict, which pass no step, see the
+    frequencies the next training step would. Lookups without a row get blocks = 0.
     """
 
     kind = "dynamic"
@@ -774,7 +776,7 @@ class DynamicDimension(EmbeddingVariable):
         lookup = super().map(ids, step, train)
         live = lookup.slots < lookup.num_rows
         slots = lookup.slots[live]
-        freq = self._freq[slots] if train else self._decayed(slots, step)
+        freq = self._freq[slots] if train else self._decayed(slots, max(step, int(self._row_step.max(initial=-1))))
         blocks = np.zeros(lookup.slots.shape, np.int8)
         blocks[live] = np.minimum(1 + np.searchsorted(self.thresholds, freq, side="right"), self.max_blocks)
         return lookup._replace(blocks=blocks)

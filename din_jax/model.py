@@ -130,7 +130,7 @@ class FrozenBatchNorm(nn.Module):
 
 def segment_sum(values: Array, segment: Array, num_segments: int) -> Array:
     """Sums of `values` rows per segment id in [0, num_segments); ids >= num_segments (padding) are dropped."""
-    return jax.ops.segment_sum(values, segment, num_segments + 1, indices_are_sorted=True)[:num_segments]
+    return jax.ops.segment_sum(values, segment, num_segments + 1)[:num_segments]
 
 
 class SplitConcatDense(nn.Module):
@@ -193,9 +193,9 @@ class AttentionUnit(nn.Module):
             if self.mode == "softmax":  # per-example softmax; the max shift only keeps exp in range
                 row = jnp.minimum(segment, batch_size - 1)
                 top = jax.lax.stop_gradient(jax.ops.segment_max(
-                    jnp.where(real, scores, -jnp.inf), segment, batch_size + 1, indices_are_sorted=True))
+                    jnp.where(real, scores, -jnp.inf), segment, batch_size + 1))
                 exp = jnp.where(real, jnp.exp(jnp.where(real, scores - top[row], 0.0)), 0.0)
-                total = jax.ops.segment_sum(exp, segment, batch_size + 1, indices_are_sorted=True)
+                total = jax.ops.segment_sum(exp, segment, batch_size + 1)
                 weights = exp / jnp.maximum(total[segment], 1e-30)
             else:
                 weights = jnp.where(real, scores, 0.0)
@@ -210,6 +210,9 @@ class DIN(nn.Module):
     in evaluation) or 'none'. activation: 'relu' (DeepRec) or 'dice' for the top MLP's hidden layers.
     attention: 'softmax' (DeepRec), 'unnormalized' (DIN paper), 'mean' (uniform weights instead of the
     attention unit) or 'none' (DIEN's BaseModel: concat(uid, item, sum of history) - plain sum pooling).
+    Precision: `dtype` is the top MLP's compute dtype (DeepRec's --bf16 casts the top MLP's input to bf16 and
+    keeps the embeddings and the attention unit in fp32); `table_dtype` stores the embedding tables (bf16 halves
+    their memory and gather traffic; rows are widened to fp32 after the gather). Every other parameter is fp32.
     """
 
     vocab_sizes: Mapping[str, int]
@@ -221,7 +224,7 @@ class DIN(nn.Module):
     activation: str = "relu"
     attention: str = "softmax"
     dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    table_dtype: Any = jnp.float32
     table_specs: tuple[tuple[str, TableSpec], ...] = ()  # (table name, spec) for tables that are not one row per id
 
     def setup(self):
@@ -233,20 +236,18 @@ class DIN(nn.Module):
             raise ValueError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         e = self.embedding_dim
         shape = lambda name: (self.vocab_sizes[name], self.spec(name).width or e)  # noqa: E731
-        self.uid_table = self.param("uid_table", tf1_truncated_normal(e**-0.5), shape("uid"), self.param_dtype)
-        self.mid_table = self.param("mid_table", glorot_uniform, shape("mid"), self.param_dtype)
-        self.cat_table = self.param("cat_table", glorot_uniform, shape("cat"), self.param_dtype)
-        self.attention_unit = AttentionUnit(self.attention_hidden, self.attention, self.dtype, self.param_dtype)
+        self.uid_table = self.param("uid_table", tf1_truncated_normal(e**-0.5), shape("uid"), self.table_dtype)
+        self.mid_table = self.param("mid_table", glorot_uniform, shape("mid"), self.table_dtype)
+        self.cat_table = self.param("cat_table", glorot_uniform, shape("cat"), self.table_dtype)
+        self.attention_unit = AttentionUnit(self.attention_hidden, self.attention)
         if self.batch_norm == "frozen":
-            self.bn = FrozenBatchNorm(param_dtype=self.param_dtype)
+            self.bn = FrozenBatchNorm()
         elif self.batch_norm == "batch":
-            self.bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
-                                   param_dtype=self.param_dtype)
-        dense = lambda n: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.dtype,  # noqa: E731
-                                   param_dtype=self.param_dtype)
+            self.bn = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype)
+        dense = lambda n: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.dtype)  # noqa: E731
         self.hidden_layers = [dense(n) for n in self.mlp_hidden]
         if self.activation == "dice":
-            self.dice = [Dice(param_dtype=self.param_dtype) for _ in self.mlp_hidden]
+            self.dice = [Dice() for _ in self.mlp_hidden]
         self.pre_logit = dense(self.mlp_out)
         self.logit = dense(1)
 
@@ -282,11 +283,11 @@ class DIN(nn.Module):
     def from_embedded(self, embedded: Mapping[str, Array], row_weight: Array,
                       train: bool = False) -> tuple[Array, Array]:
         """Everything after the lookups: returns (logits [B] in fp32, attention weights [P])."""
-        uid = embedded["uid"].astype(self.dtype)
-        item = embedded["item"].astype(self.dtype)
+        uid = embedded["uid"].astype(jnp.float32)
+        item = embedded["item"].astype(jnp.float32)
         segment = embedded["segment"]
         real = (segment < item.shape[0])[:, None]
-        keys = jnp.where(real, embedded["keys"].astype(self.dtype), 0)                          # [P, D]
+        keys = jnp.where(real, embedded["keys"].astype(jnp.float32), 0)                         # [P, D]
         history_sum = segment_sum(keys, segment, item.shape[0])                                 # [B, D]
         if self.attention == "none":  # DIEN's BaseModel: plain sum pooling, no interaction terms
             weights = real[:, 0].astype(jnp.float32)
@@ -294,6 +295,7 @@ class DIN(nn.Module):
         else:
             attended, weights = self.attention_unit(item, keys, segment)
             x = jnp.concatenate([uid, item, history_sum, item * history_sum, attended], axis=-1)  # [B, 162]
+        x = x.astype(self.dtype)  # the top MLP's input: where DeepRec's --bf16 casts
         if self.batch_norm == "frozen":
             x = self.bn(x)
         elif self.batch_norm == "batch":
@@ -319,7 +321,9 @@ def history_positions(batch: Mapping[str, Array]) -> tuple[Array, Array]:
 
     A batch may carry 'hist_index' [P] (packed: only real positions, padded with B*T, see
     din_jax.packing); otherwise every one of the B*T positions is used and masked ones point past
-    the end. Padding positions get example id B, which every segment operation drops.
+    the end. Padding positions get example id B, which every segment operation drops. The ids are not sorted
+    when positions are not packed (masked positions between real ones get B), so no segment operation may
+    promise sorted indices (XLA on GPU relies on that promise).
     """
     batch_size, seq_len = batch["hist_mids"].shape
     if "hist_index" in batch:

@@ -21,10 +21,9 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import config_check, parallel, plots
+from din_jax import config_check, jsonfile, parallel, plots
 from din_jax import incremental as incremental_lib
 from din_jax.metrics import StreamingMetrics
 from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, gather_sharded_rows, initialise_rows,
@@ -37,10 +36,10 @@ from din_jax.model import DIN, TABLES, TableSpec, lookup_columns
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from din_jax.packing import pack_history, packed_size
 from din_jax.prefetch import Prefetcher
+from din_jax.progress import progress_bar
 from input_pipeline import batches as batches_lib
 from input_pipeline import datasets, dien
 from input_pipeline.synthetic import SyntheticSpec
-from input_pipeline.textio import atomic_write
 
 Batch = dict[str, Any]
 
@@ -69,19 +68,21 @@ class Data:
     id_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+# precision -> (the top MLP's compute dtype, the embedding tables' dtype); see model.DIN. mixed_bf16 is DeepRec's
+# --bf16; bf16 stores the tables (99.9% of the parameters) in bf16 and computes in fp32.
 PRECISIONS = {"fp32": (jnp.float32, jnp.float32), "mixed_bf16": (jnp.bfloat16, jnp.float32),
-              "bf16": (jnp.bfloat16, jnp.bfloat16)}  # precision -> (compute dtype, parameter dtype)
+              "bf16": (jnp.float32, jnp.bfloat16)}
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int],
                 table_specs: dict[str, TableSpec] | None = None) -> DIN:
     """The DIN module for `config.model`, `config.precision`, the tables' row counts and their embedding kinds."""
     m = config.model
-    dtype, param_dtype = PRECISIONS[config.precision]
+    dtype, table_dtype = PRECISIONS[config.precision]
     return DIN(vocab_sizes=dict(vocab_sizes), embedding_dim=m.embedding_dim,
                attention_hidden=tuple(m.attention_hidden), mlp_hidden=tuple(m.mlp_hidden), mlp_out=m.mlp_out,
                batch_norm=m.batch_norm, activation=m.activation, attention=m.attention, dtype=dtype,
-               param_dtype=param_dtype, table_specs=tuple(sorted((table_specs or {}).items())))
+               table_dtype=table_dtype, table_specs=tuple(sorted((table_specs or {}).items())))
 
 
 def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
@@ -102,9 +103,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer:
     initial_rows: per table (slots, sources, default matrix) to set at creation (embedding.initialise_rows).
     """
     # Initialise in fp32 and cast, so every precision starts from the same numbers.
-    fp32_model = model.clone(dtype=jnp.float32, param_dtype=jnp.float32)
+    fp32_model = model.clone(dtype=jnp.float32, table_dtype=jnp.float32)
     variables = fp32_model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
-    params = jax.tree.map(lambda p: p.astype(model.param_dtype), variables["params"])
+    params = {name: p.astype(model.table_dtype) if name in TABLES else p for name, p in variables["params"].items()}
     for name, (slots, sources, defaults) in (initial_rows or {}).items():
         params[name] = initialise_rows(params[name], jnp.asarray(slots), jnp.asarray(sources), jnp.asarray(defaults))
     for name in TABLES:
@@ -112,7 +113,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer:
         params[name] = jnp.pad(table, ((0, -table.shape[0] % table_shards), (0, 0)))
     if config.sparse_embeddings:
         tables, dense = split_tables(params)
-        slots = {name: optimizer.rows.init(table) for name, table in tables.items()}
+        slots = {name: optimizer.rows[name].init(table) for name, table in tables.items()}
         opt_state = {"dense": optimizer.dense.init(dense), "rows": {k: v[0] for k, v in slots.items()},
                      "tables": {k: v[1] for k, v in slots.items()}}
     else:
@@ -221,11 +222,13 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
         lookups = global_row_lookups(batch, {k: v.shape[0] * max(table_shards, 1) for k, v in tables.items()},
                                      axis_name, specs)
         if table_shards:
-            variables_in = (dense, {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables})
+            rows = {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables}
             table_params = _table_stand_ins(model, tables)
         else:
-            variables_in = (dense, {k: gather_rows(tables[k], lookups[k].ids) for k in tables})
+            rows = {k: gather_rows(tables[k], lookups[k].ids) for k in tables}
             table_params = tables
+        # Differentiated in fp32 whatever the tables' dtype: bf16 tables store rows, the gradients stay exact.
+        variables_in = (dense, {k: v.astype(jnp.float32) for k, v in rows.items()})
         micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n, specs))
 
         def forward(diff, data, batch_stats):
@@ -271,7 +274,7 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
             # Sharded: this device's own rows (others -> out of range: slots read clipped, writes dropped).
             ids = owned_ids(lookups[name].ids, table.shape[0], axis_name) if table_shards else lookups[name].ids
             slot_rows = {k: v.at[ids].get(mode="clip") for k, v in state.opt_state["rows"][name].items()}
-            rows, slot_rows, new_table_slots[name] = optimizer.rows.update(
+            rows, slot_rows, new_table_slots[name] = optimizer.rows[name].update(
                 variables_in[1][name], clip_tensor(row_grads[name], optimizer.clip_norm), slot_rows,
                 state.opt_state["tables"][name], state.step)
             new_params[name] = scatter_rows(table, ids, rows)
@@ -316,7 +319,7 @@ def _initialise_admitted_rows(optimizer: Optimizer, defaults: dict[str, Any], ba
     for table in tables:
         slots, sources = batch.pop(table + INIT_SLOTS), batch.pop(table + INIT_SOURCES)
         params[table] = initialise_rows(params[table], slots, sources, jnp.asarray(defaults[table]))
-        fresh = optimizer.rows.init(jnp.zeros((1, params[table].shape[1]), params[table].dtype))[0]
+        fresh = optimizer.rows[table].init(jnp.zeros((1, params[table].shape[1]), params[table].dtype))[0]
         row_slots[table] = {k: v.at[slots].set(jnp.broadcast_to(fresh[k][0], (slots.shape[0], *v.shape[1:])),
                                                mode="drop")
                             for k, v in row_slots[table].items()}
@@ -566,6 +569,18 @@ class Trainer:
     pack_floor: int = 0    # smallest packed size: set by the loop so an epoch has one shape
     shard_tables: bool = False  # tables and their row slots split over `data` by rows (config.shard_embeddings)
     host: HostEmbeddings | None = None  # ids -> table rows on the host (embedding kinds, din_jax.host_embeddings)
+    jit_caught_up_tables: Any = None  # state -> its exact-Adam tables with every row up to date; None: none lag
+
+    def readable(self, state: TrainState) -> TrainState:
+        """`state` as evaluation, plots and export read it: every table row as the whole-table rule has it.
+
+        Exact Adam's untouched rows lag until touched (optim.exact_adam_rows). The live state and its
+        checkpoints keep them so (each row with the step it is up to date through, which determines it
+        exactly), so a run resumes bit for bit whatever its checkpoint schedule; readers get a caught-up copy.
+        """
+        if self.jit_caught_up_tables is None:
+            return state
+        return state.replace(params={**state.params, **self.jit_caught_up_tables(state)})
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
         """A fresh train state from `config.seed`: replicated on every device, or with tables split by rows."""
@@ -626,7 +641,7 @@ class Trainer:
         return self.jit_train_step(state, self.device_batch(batch if prepared else self.prepare(batch)))
 
     def eval_step(self, state: TrainState, batch: Batch) -> jax.Array:
-        """Click probabilities [B] of the global batch, on every process."""
+        """Click probabilities [B] of the global batch, on every process; pass `readable(state)` (exact Adam)."""
         return self.jit_eval_step(state, self.device_batch(self.prepare(batch)))
 
 
@@ -641,8 +656,10 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
                           vocab_sizes)
     plain = {t: spec for t, spec in host.specs.items() if spec != TableSpec(spec.rows, config.model.embedding_dim)}
     model = build_model(config, host.table_rows(), plain)
+    lazy = [table for table, kind in table_kinds(config).items() if kind in RAW_ID_KINDS]  # EmbeddingVariables
     optimizer = create_optimizer(config.optimizer, config.learning_rate, config.clip_norm,
-                                 decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate)
+                                 decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate,
+                                 lazy_tables=lazy)
     axis = parallel.DATA_AXIS
     sharded = bool(config.shard_embeddings)
     step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis,
@@ -658,7 +675,20 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     jit_eval_step = jax.jit(shard(predict, out_specs=P()))
     # Packing and micro-batches do not mix (micro-batches split examples, packing splits positions).
     granularity = config.pack_granularity if config.micro_batch <= 1 else 0
-    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded, host=host)
+    caught_up = (jax.jit(lambda state: caught_up_tables(optimizer, state)[0])
+                 if config.sparse_embeddings and optimizer.catches_up else None)
+    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded, host=host,
+                   jit_caught_up_tables=caught_up)
+
+
+def caught_up_tables(optimizer: Optimizer, state: TrainState) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """(tables, their row slots) of every table whose rule catches up (exact Adam), brought up to date through
+    state.step; elementwise per row, so sharded tables stay sharded."""
+    tables, slots = {}, {}
+    for name, rule in optimizer.rows.items():
+        if rule.catch_up is not None:
+            tables[name], slots[name] = rule.catch_up(state.params[name], state.opt_state["rows"][name], state.step)
+    return tables, slots
 
 
 class DivergedError(Exception):
@@ -690,10 +720,12 @@ def _check_finite(first_bad: jax.Array, state: TrainState | None, checkpointer: 
     if not step:
         return
     last = checkpointer.latest_step()
-    kept = (f"checkpoint {checkpointer.directory}/{last} (step {last}) is the last good one" if last is not None
-            else "no checkpoint was written")
-    raise DivergedError(f"{what}; training stopped and {kept} - lower --config.learning_rate (or check the data), "
-                        "then rerun to resume from it")
+    if last is None:
+        raise DivergedError(f"{what}; training stopped before any checkpoint was written, so there is nothing to "
+                            "resume from - lower --config.learning_rate (or check the data) and rerun the same "
+                            "command: it starts again from step 0 (--config.save_steps=N keeps checkpoints on the way)")
+    raise DivergedError(f"{what}; training stopped and checkpoint {checkpointer.directory}/{last} (step {last}) is the "
+                        "last good one - lower --config.learning_rate (or check the data), then rerun to resume from it")
 
 
 @jax.jit
@@ -757,25 +789,30 @@ class _Saver:
 
 def _start_history(workdir: str, first_step: int) -> None:
     """WORKDIR/history.jsonl without records past `first_step` (left by a run killed after its last checkpoint)."""
-    history = plots.read_history(workdir)
-    if any(record["step"] > first_step for record in history):
-        with atomic_write(os.path.join(workdir, plots.HISTORY_FILE), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history if r["step"] <= first_step)
+    plots.drop_history(workdir, lambda record: record["step"] > first_step)
 
 
 def _write_plots(workdir: str, trainer: Trainer, state: TrainState, data: Data,
                  config: ml_collections.ConfigDict) -> None:
-    """WORKDIR/plots: learning curves, throughput, and the attention weights of the first test batch."""
-    weights = mask = None
-    if jax.process_count() == 1 and not trainer.shard_tables:  # one process holds every parameter
-        batch = next(batches_lib.eval_batches(data.test, config.eval_batch_size, config.max_seq_length,
-                                              keep=config.history_keep))
-        if trainer.host.active:
-            batch = trainer.host.map_batch(batch, 0, train=False)
-        _, weights = jax.jit(trainer.model.apply)({"params": state.params, "batch_stats": state.batch_stats}, batch)
-        weights, mask = np.asarray(weights), batch["hist_mask"]
-    paths = plots.write_run_plots(workdir, plots.read_history(workdir), weights, mask)
-    logging.info("Wrote %d plots to %s", len(paths), os.path.join(workdir, "plots"))
+    """WORKDIR/plots (process 0): learning curves, throughput, and the attention weights of the first test batch.
+
+    Every process calls this and computes the weights alike: with tables split by rows, all of them take part
+    in reading the rows the batch looks up (XLA gathers on each table shard and sums; no device holds a table).
+    """
+    batch = next(batches_lib.eval_batches(data.test, config.eval_batch_size, config.max_seq_length,
+                                          keep=config.history_keep))
+    if trainer.host.active:
+        batch = trainer.host.map_batch(batch, 0, train=False)
+    # The tables' rows as the state holds them: split tables carry zero rows up to a multiple of the devices.
+    model = trainer.model.clone(vocab_sizes={**trainer.model.vocab_sizes, **{
+        name.removesuffix("_table"): state.params[name].shape[0] for name in TABLES}})
+    attention = jax.jit(lambda variables, batch: model.apply(variables, batch)[1],
+                        out_shardings=parallel.replicated(trainer.mesh))
+    weights = attention({"params": state.params, "batch_stats": state.batch_stats}, batch)  # [B, T], every device
+    if parallel.is_primary():
+        paths = plots.write_run_plots(workdir, plots.read_history(workdir), np.asarray(weights.addressable_data(0)),
+                                      batch["hist_mask"])
+        logging.info("Wrote %d plots to %s", len(paths), os.path.join(workdir, "plots"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -793,7 +830,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     primary = parallel.is_primary()
     checkpoint_dir = config.checkpoint_dir or os.path.join(workdir, "checkpoints")
     checkpoint_lib.require_writable(workdir, "--workdir")  # checked before the data: fail in seconds, not minutes
-    checkpoint_lib.require_writable(checkpoint_dir, "--config.checkpoint_dir")
+    checkpoint_lib.require_writable(checkpoint_dir, "--config.checkpoint_dir", keep=False)
     wall_start = time.perf_counter()
     data = parallel.primary_first("load_data", lambda: load_data(config, workdir))
     trainer = create_trainer(config, data.vocabs.sizes, mesh, data.raw_ids, data.id_sizes)
@@ -808,7 +845,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = saver.restore(state, extra)
         logging.info("Resumed from checkpoint at step %d", int(state.step))
     if primary:  # once the checkpoint fits: what export and predict need to rebuild this model (config, vocabularies)
-        _write_json(run_file, {"config": config.to_dict(), "data_dir": data.data_dir})
+        jsonfile.write(run_file, {"config": config.to_dict(), "data_dir": data.data_dir})
 
     steps_per_epoch = batches_lib.num_train_batches(data.train, config.batch_size, config.max_seq_length,
                                                     tuple(config.bucket_boundaries))
@@ -826,12 +863,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "one epoch" if math.isinf(total_steps) else f"{total_steps} steps", config.batch_size, steps_per_epoch,
                  jax.process_count(), mesh.size, ", work queue" if config.workqueue else "")
 
-    compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, float("nan")
+    compile_seconds, timed_samples, timed_seconds, loss = 0.0, 0, 0.0, None  # loss: at the last log step
     eval_seconds = 0.0  # periodic evaluations, kept out of the training throughput
     trained_examples = 0
     eval_metrics: dict[str, Any] = {}
-    progress = tqdm(total=steps_per_epoch if math.isinf(total_steps) else total_steps, initial=first_step,
-                    desc="train", unit="step", dynamic_ncols=True, disable=not (config.progress_bar and primary))
+    progress = progress_bar(steps_per_epoch if math.isinf(total_steps) else total_steps, initial=first_step,
+                            disable=not (config.progress_bar and primary))
     first_bad = jnp.zeros([], jnp.int32)  # on the device: the first step whose loss was NaN or Inf (0: none)
     # SIGINT / SIGTERM: checkpoint and stop. Several processes would have to agree on the step: there they kill.
     stop = checkpoint_lib.StopSignals(enabled=jax.process_count() == 1)
@@ -877,7 +914,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if not config.no_eval and config.eval_every_steps and step % config.eval_every_steps == 0 and not last:
                 _check_finite(first_bad, None, checkpointer)
                 started = time.perf_counter()
-                _write_eval(writer, evaluate(trainer, state, data.test, config), step, workdir)
+                _write_eval(writer, evaluate(trainer, trainer.readable(state), data.test, config), step, workdir)
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
                 eval_seconds += interval_start - started
             if checkpointer.is_save_step(step):
@@ -903,24 +940,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.close()
         raise stop.interrupted(int(state.step), checkpointer.directory)
 
+    trained = int(state.step) > first_step  # else a rerun of a finished run: it only evaluates
+    final = trainer.readable(state)
     if not config.no_eval:
-        eval_metrics = evaluate(trainer, state, data.test, config)
+        eval_metrics = evaluate(trainer, final, data.test, config)
         eval_metrics["step"] = int(state.step)
+        if primary and not trained:  # the evaluation replaces the finished run's own: one record per step
+            plots.drop_history(workdir, lambda record: "eval" in record and record["step"] == int(state.step))
         _write_eval(writer, eval_metrics, int(state.step), workdir)
         if primary:
-            _write_json(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
-    if primary:
-        _write_plots(workdir, trainer, state, data, config)
+            jsonfile.write(os.path.join(workdir, "eval_metrics.json"), eval_metrics)
+    _write_plots(workdir, trainer, final, data, config)  # every process: the tables may be split over them
     if writer:
         writer.close()
     summary = {"steps": int(state.step), "steps_this_run": int(state.step) - first_step,
                "samples_per_sec": timed_samples / timed_seconds if timed_seconds > 0 else None,
                "wall_seconds": time.perf_counter() - wall_start, "compile_seconds": compile_seconds,
                "final_train_loss": loss, "processes": jax.process_count(), "devices": mesh.size,
-               "trained_examples": trained_examples, "embeddings": trainer.host.stats()}
-    if primary:
-        _write_json(os.path.join(workdir, "train_summary.json"), summary)
+               "trained_examples": trained_examples, "embeddings": trainer.host.stats(),
+               "table_bytes": sum(int(state.params[table].nbytes) for table in TABLES)}  # tables only, not slots
+    summary_file = os.path.join(workdir, "train_summary.json")
+    if not trained:  # the training run's summary stays as it was; this run's report says it only evaluated
+        summary = {**(_read_summary(summary_file) or summary), "evaluated_only": True,
+                   "wall_seconds": summary["wall_seconds"]}
+    if primary and (trained or not os.path.exists(summary_file)):
+        jsonfile.write(summary_file, summary)
     return {"eval": eval_metrics, "train": summary}
+
+
+def _read_summary(path: str) -> dict[str, Any] | None:
+    """The train_summary.json a finished run wrote, or None if there is none (or it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _write_eval(writer: SummaryWriter | None, metrics: dict[str, Any], step: int, workdir: str) -> None:
@@ -933,6 +988,3 @@ def _write_eval(writer: SummaryWriter | None, metrics: dict[str, Any], step: int
     logging.info("eval at step %d: %s", step, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    with atomic_write(path, "w") as f:
-        json.dump(payload, f, indent=2, default=float)

@@ -59,8 +59,8 @@ def test_embedding_variable_trains_as_a_dense_table_started_from_its_default_row
     for batch in stream:
         state, _ = ev_trainer.train_step(state, batch)
 
-    # The same steps on plain tables whose rows start as the rows EV admitted them with.
-    dense_config = config_for()
+    # The same steps on plain tables whose rows start as the rows EV admitted them with (lazy Adam, as EV tables).
+    dense_config = config_for(optimizer="lazyadam")
     dense_trainer = train.create_trainer(dense_config, VOCAB)
     dense = dense_trainer.init_state(dense_config)
     params = dict(dense.params)
@@ -149,7 +149,7 @@ def test_a_run_resumes_from_increments_on_top_of_the_last_full_checkpoint(tmp_pa
 
 def test_two_processes_admit_the_same_ids_to_the_same_rows_and_train_as_one(tmp_path):
     from tests.test_parallel import assert_same_training, launch
-    flags = ("--config.ev=True", "--config.ev_filter=counter", "--config.adaptive_emb=True",
+    flags = ("--config.ev=True", "--config.ev_filter=counter", "--config.embeddings.uid=adaptive",
              "--config.adaptive_hash_bucket_size=50", "--config.steps=6")
     for count, name in ((1, "one"), (2, "two")):
         run = launch(count, tmp_path / name, *flags)
@@ -159,10 +159,27 @@ def test_two_processes_admit_the_same_ids_to_the_same_rows_and_train_as_one(tmp_
     assert stats[0] == stats[1]
 
 
+@pytest.mark.parametrize("flags, kinds", [
+    (dict(ev=True, multihash=True), ("ev", "ev", "ev")),
+    (dict(ev=True, adaptive_emb=True), ("ev", "ev", "ev")),
+    (dict(adaptive_emb=True, multihash=True), ("adaptive", "multihash", "multihash")),
+    (dict(multihash=True), ("dense", "multihash", "multihash")),
+    (dict(dynamic_ev=True, ev=True), ("dynamic", "dynamic", "dynamic")),
+])
+def test_seed_flags_combine_into_kinds_as_deeprecs_din(flags, kinds):
+    from din_jax.host_embeddings import table_kinds
+    config = config_for(**flags)
+    assert tuple(table_kinds(config).values()) == kinds
+    config.embeddings.uid = "multihash"  # a multi-hash uid is a per-feature choice
+    assert table_kinds(config)["uid_table"] == "multihash"
+
+
 @pytest.mark.parametrize("flags, named", [(dict(multihash=True, workqueue=True), "config.workqueue=False"),
                                           (dict(ev=True, shard_embeddings=True), "shard_embeddings"),
                                           (dict(ev=True, sparse_embeddings=False), "sparse_embeddings=True"),
-                                          (dict(ev_filter="counter"), "none is one")])
+                                          (dict(ev_filter="counter"), "none is one"),
+                                          (dict(ev_elimination="l2"), "config.ev_elimination='l2' applies to "
+                                                                      "EmbeddingVariable features; none is one")])
 def test_impossible_embedding_combinations_are_one_sentence_naming_the_key(flags, named):
     from din_jax.config_check import ConfigError, validate
     config = config_for(**flags)

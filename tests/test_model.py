@@ -178,3 +178,23 @@ def test_dice_matches_dien_formula():
         x = p[f"dice_{i}"]["alpha"] * (1 - prob) * h + prob * h
     want = (x @ p["pre_logit"]["kernel"] + p["pre_logit"]["bias"]) @ p["logit"]["kernel"] + p["logit"]["bias"]
     np.testing.assert_allclose(logits, want[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_unpacked_history_segments_are_unsorted_and_no_segment_op_promises_sorted_ids():
+    """Masked positions between real ones get id B: a sorted-indices promise would be false (wrong on GPU)."""
+    from din_jax.model import history_positions
+    batch = random_batch()
+    _, segment = history_positions(batch)
+    assert np.any(np.diff(np.asarray(segment)) < 0)
+    model = DIN(vocab_sizes=VOCAB)
+    params = model.init(jax.random.PRNGKey(0), batch)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch))(params)
+
+    def promised(eqns):
+        for eqn in eqns:
+            yield eqn.params.get("indices_are_sorted", False)
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    yield from promised(inner.eqns)
+    assert not any(promised(jaxpr.jaxpr.eqns))

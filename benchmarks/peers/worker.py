@@ -61,10 +61,12 @@ class DinJax:
             trainer = dataclasses.replace(trainer, pack_floor=floor)
         self.trainer = trainer
         self.state = self.trainer.init_state(self.config)
+        self._readable = None  # the state as evaluation reads it (exact Adam's lagging rows caught up), once
 
     def train_step(self, batch: dict[str, np.ndarray]) -> None:
         """Dispatches one step (asynchronously)."""
         self.state, _ = self.trainer.train_step(self.state, batch)
+        self._readable = None
 
     def sync(self) -> None:
         """Waits for every dispatched step."""
@@ -72,7 +74,9 @@ class DinJax:
 
     def predict(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Click probabilities [B]."""
-        return np.asarray(self.trainer.eval_step(self.state, batch))
+        if self._readable is None:
+            self._readable = self.trainer.readable(self.state)
+        return np.asarray(self.trainer.eval_step(self._readable, batch))
 
 
 class Peer:
