@@ -20,7 +20,8 @@ through which it is up to date (`last`). The cost per touched row is O(1):
       P_j(s, k) = sum_{i=1..min(k, HORIZON)} lr_{s+i} b1^i d_i^j,
   which is exact to 5e-10 (float64) at ORDER 4: the powers of |r d_i| <= 5e-4 i are weighted by b1^i.
 - P_j depends on the row only through (s, k). At a catch-up through step T a row has s = T - k, so for
-  k <= HORIZON the coefficients are one small [HORIZON + 1, ORDER + 1] table per T (`_window_table`); a
+  k <= HORIZON the coefficients are one small [HORIZON + 1, ORDER + 1] table per T (`_window_table`, a
+  convolution of the last HORIZON learning rates; the three tables' identical copies are one for XLA); a
   row idle longer needs P_j(s, HORIZON), tabulated once for every s below the step past which lr_tau
   equals lr in float32 (`_stale_table`), and constant after it.
 
@@ -80,15 +81,19 @@ def _stale_table(lr: float, b1: float, b2: float) -> tuple[np.ndarray, int]:
 
 
 def _window_table(lr: float, b1: float, b2: float, through: jax.Array) -> jax.Array:
-    """[HORIZON + 1, ORDER + 1]: P_j(through - k, k) for k = 0..HORIZON (rows of k > through are unused)."""
+    """[HORIZON + 1, ORDER + 1]: P_j(through - k, k) for k = 0..HORIZON (rows of k > through are unused).
+
+    P_j(through - k, k) = sum_{i=1..k} lr_{through-k+i} w_ij is one correlation of the last HORIZON learning rates
+    (zero-padded, so that terms past k vanish) with each column of w: a small convolution, not a [K, K] gather.
+    """
     k = horizon(b1, b2)
-    weights = jnp.asarray(_term_weights(b1, b2, k), jnp.float32)         # [K, J+1]
-    # lr_tau for tau = through - K + 1 .. through; a row caught up by k steps uses tau = through - k + i.
-    tau = through - k + 1 + jnp.arange(k)
-    rates = jnp.where(tau >= 1, learning_rates(lr, b1, b2, jnp.maximum(tau, 1)), 0.0)  # [K]
-    ks, i = np.arange(k + 1)[:, None], np.arange(1, k + 1)[None, :]
-    used = jnp.where(i <= ks, rates[np.clip(k - 1 - ks + i, 0, k - 1)], 0.0)          # [K+1, K]: lr_{tau(k, i)}
-    return used @ weights
+    weights = jnp.asarray(_term_weights(b1, b2, k), jnp.float32)                   # [K, J+1]: w_ij
+    tau = through - k + 1 + jnp.arange(k)                                           # lr_tau, tau = through-K+1..through
+    rates = jnp.where(tau >= 1, learning_rates(lr, b1, b2, jnp.maximum(tau, 1)), 0.0)
+    padded = jnp.concatenate([rates, jnp.zeros(k, jnp.float32)])                  # [2K]
+    # out[j, o] = sum_n padded[o + n] w_{n+1, j}; the row caught up by k steps is o = K - k.
+    out = jax.lax.conv_general_dilated(padded[None, None], weights.T[:, None], (1,), "VALID")[0]  # [J+1, K+1]
+    return out[:, ::-1].T
 
 
 def catch_up(w: jax.Array, m: jax.Array, v: jax.Array, last: jax.Array, through: jax.Array, *, lr: float,
@@ -103,11 +108,11 @@ def catch_up(w: jax.Array, m: jax.Array, v: jax.Array, last: jax.Array, through:
                              _window_table(lr, b1, b2, through)[jnp.minimum(idle, k_max)],
                              jnp.asarray(stale)[jnp.clip(last, 0, steps)])            # [N, J+1]
     x = jnp.sqrt(v)
-    denominator = x + eps
-    r = -x / denominator
+    inverse = 1.0 / (x + eps)                                                          # 1 / D
+    r = -x * inverse
     total = coefficients[:, ORDER:ORDER + 1]
     for j in range(ORDER - 1, -1, -1):  # Horner in r: sum_j r^j P_j
         total = total * r + coefficients[:, j:j + 1]
-    moved = (w.astype(jnp.float32) - m * total / denominator).astype(w.dtype)
+    moved = (w.astype(jnp.float32) - m * total * inverse).astype(w.dtype)
     decay = idle.astype(jnp.float32)[:, None]
     return moved, m * jnp.float32(b1) ** decay, v * jnp.float32(b2) ** decay
