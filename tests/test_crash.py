@@ -25,7 +25,8 @@ from tests.test_parallel import TINY, restored_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # two epochs of the tiny data (12 steps each): a resumed run crosses the epoch boundary
-RUN = [*TINY, f"--config.steps={STEPS}", "--config.save_steps=2"]
+SAVE_STEPS = 4  # six checkpoints a run: enough to be killed between two, few enough to keep the runs short
+RUN = [*TINY, f"--config.steps={STEPS}", f"--config.save_steps={SAVE_STEPS}"]
 
 # The disk fills while orbax writes the train state's arrays of a checkpoint (any step).
 DISK_FULL = """
@@ -47,9 +48,7 @@ class Runs:
 
     def __init__(self, directory: pathlib.Path):
         self.data_dir = directory / "data"
-        self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(directory / "xla_cache"),
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+        self.env = dict(os.environ)  # with the session's compilation cache (tests/conftest.py)
 
     def command(self, workdir: pathlib.Path, *flags: str, code: str = "") -> list[str]:
         start = ["-c", code] if code else ["-m", "din_jax.main"]
@@ -196,10 +195,10 @@ def test_divergence_before_any_checkpoint_says_there_is_nothing_to_resume_from(t
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(runs, straight, tmp_path):
     workdir = copy_of(straight, tmp_path / "full")
-    result = runs.run(workdir, f"--config.steps={STEPS + 4}", code=DISK_FULL)
+    result = runs.run(workdir, f"--config.steps={STEPS + SAVE_STEPS}", code=DISK_FULL)
     error = one_error_line(result)
-    assert error == (f"error: could not write checkpoint {STEPS + 2} in {workdir}/checkpoints (No space left on "
-                     f"device); checkpoint {STEPS} is intact - free space or fix permissions, then rerun the same "
+    assert error == (f"error: could not write checkpoint {STEPS + SAVE_STEPS} in {workdir}/checkpoints (No space left "
+                     f"on device); checkpoint {STEPS} is intact - free space or fix permissions, then rerun the same "
                      "command to resume")
     assert checkpoint_steps(workdir) == [STEPS]
     kept, original = (restored_state(w / "checkpoints" / str(STEPS) / "default") for w in (workdir, straight))

@@ -105,32 +105,29 @@ def assert_same_training(one, two, steps: int) -> None:
         np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+# One run covers the three kinds of replicated tables: plain (cat), EmbeddingVariable with a counter filter (mid)
+# and adaptive (uid), whose id -> row mappings every process keeps alike without communicating.
+MIXED_TABLES = ("--config.embeddings.uid=adaptive", "--config.adaptive_hash_bucket_size=50",
+                "--config.embeddings.mid=ev", "--config.ev_filter=counter")
+
+
 def test_two_processes_train_resume_and_evaluate_as_one_process(tmp_path):
-    one = launch(1, tmp_path / "one", "--config.steps=8")
+    one = launch(1, tmp_path / "one", "--config.steps=8", *MIXED_TABLES)
     assert one.returncode == 0, one.stdout[-3000:]
-    first = launch(2, tmp_path / "two", "--config.steps=4", "--config.no_eval=True")
+    first = launch(2, tmp_path / "two", "--config.steps=4", "--config.no_eval=True", *MIXED_TABLES)
     assert first.returncode == 0, first.stdout[-3000:]
-    resumed = launch(2, tmp_path / "two", "--config.steps=8")  # both processes restore the checkpoint of step 4
+    # Both processes restore the checkpoint of step 4, with the id mappings it holds.
+    resumed = launch(2, tmp_path / "two", "--config.steps=8", *MIXED_TABLES)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert resumed.stdout.count("Resumed from checkpoint at step 4") == 2
     assert "[0] din_jax results" in resumed.stdout and "[1] din_jax results" not in resumed.stdout  # process 0 reports
     summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 2
+    # The same ids admitted to the same rows: the mappings' counts agree with the single process's.
+    assert summary["embeddings"] == json.loads((tmp_path / "one" / "train_summary.json").read_text())["embeddings"]
+    assert [summary["embeddings"][f]["kind"] for f in ("uid", "mid", "cat")] == ["adaptive", "ev", "dense"]
     assert (tmp_path / "two" / "plots" / "attention.png").is_file()
     assert_same_training(tmp_path / "one", tmp_path / "two", 8)
-
-
-def test_two_processes_with_sharded_tables_train_resume_and_evaluate_as_one_replicated_process(tmp_path):
-    one = launch(1, tmp_path / "one", "--config.steps=6")
-    assert one.returncode == 0, one.stdout[-3000:]
-    first = launch(2, tmp_path / "two", "--config.steps=3", "--config.no_eval=True", "--config.shard_embeddings=True")
-    assert first.returncode == 0, first.stdout[-3000:]
-    # Each process restores the table rows it owns.
-    resumed = launch(2, tmp_path / "two", "--config.steps=6", "--config.shard_embeddings=True")
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert resumed.stdout.count("Resumed from checkpoint at step 3") == 2
-    assert (tmp_path / "two" / "plots" / "attention.png").is_file()  # its rows gathered from both processes
-    assert_same_training(tmp_path / "one", tmp_path / "two", 6)
 
 
 def test_intra_confines_the_process_to_its_first_cores():

@@ -59,6 +59,7 @@ def test_single_process_work_queue_trains_as_the_fixed_plan(tmp_path):
     assert queued["eval"]["auc"] == planned["eval"]["auc"]
 
 
+@pytest.mark.slow  # the fast tests above cover the queue's units, a slow reader, resumed units and one process
 def test_two_processes_with_a_work_queue_train_every_example_once_across_a_resume(tmp_path):
     workdir = tmp_path / "run"
     first = launch(2, workdir, "--config.workqueue=True", "--config.steps=3", "--config.no_eval=True")

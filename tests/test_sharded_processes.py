@@ -1,0 +1,21 @@
+"""Tables split over two processes (config.shard_embeddings): training, resume and evaluation equal one process.
+
+Its own module so that pytest-xdist (which hands out whole modules) runs it beside the other multi-process tests.
+"""
+
+from __future__ import annotations
+
+from tests.test_parallel import assert_same_training, launch
+
+
+def test_two_processes_with_sharded_tables_train_resume_and_evaluate_as_one_replicated_process(tmp_path):
+    one = launch(1, tmp_path / "one", "--config.steps=6")
+    assert one.returncode == 0, one.stdout[-3000:]
+    first = launch(2, tmp_path / "two", "--config.steps=3", "--config.no_eval=True", "--config.shard_embeddings=True")
+    assert first.returncode == 0, first.stdout[-3000:]
+    # Each process restores the table rows it owns.
+    resumed = launch(2, tmp_path / "two", "--config.steps=6", "--config.shard_embeddings=True")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert resumed.stdout.count("Resumed from checkpoint at step 3") == 2
+    assert (tmp_path / "two" / "plots" / "attention.png").is_file()  # its rows gathered from both processes
+    assert_same_training(tmp_path / "one", tmp_path / "two", 6)
