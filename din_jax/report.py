@@ -22,8 +22,9 @@ def results_table(results: dict[str, Any], workdir: str) -> str:
         rows.append(("compile seconds", f"{train['compile_seconds']:.1f}"))
     rows.append(("wall seconds", f"{train['wall_seconds']:.1f}"))
     width = max(len(name) for name, _ in rows)
-    lines = ["", "din_jax results", "-" * (width + 14)]
-    lines += [f"{name:<{width}}  {value:>12}" for name, value in rows]
-    lines += ["-" * (width + 14), f"metrics: {workdir}/eval_metrics.json, {workdir}/train_summary.json",
+    value_width = max(12, *(len(value) for _, value in rows))
+    lines = ["", "din_jax results", "-" * (width + value_width + 2)]
+    lines += [f"{name:<{width}}  {value:>{value_width}}" for name, value in rows]
+    lines += ["-" * (width + value_width + 2), f"metrics: {workdir}/eval_metrics.json, {workdir}/train_summary.json",
               f"tensorboard --logdir {workdir}/tensorboard"]
     return "\n".join(lines)
