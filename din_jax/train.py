@@ -675,20 +675,17 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     jit_eval_step = jax.jit(shard(predict, out_specs=P()))
     # Packing and micro-batches do not mix (micro-batches split examples, packing splits positions).
     granularity = config.pack_granularity if config.micro_batch <= 1 else 0
-    caught_up = (jax.jit(lambda state: caught_up_tables(optimizer, state)[0])
+    caught_up = (jax.jit(functools.partial(caught_up_tables, optimizer))
                  if config.sparse_embeddings and optimizer.catches_up else None)
     return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded, host=host,
                    jit_caught_up_tables=caught_up)
 
 
-def caught_up_tables(optimizer: Optimizer, state: TrainState) -> tuple[dict[str, jax.Array], dict[str, Any]]:
-    """(tables, their row slots) of every table whose rule catches up (exact Adam), brought up to date through
-    state.step; elementwise per row, so sharded tables stay sharded."""
-    tables, slots = {}, {}
-    for name, rule in optimizer.rows.items():
-        if rule.catch_up is not None:
-            tables[name], slots[name] = rule.catch_up(state.params[name], state.opt_state["rows"][name], state.step)
-    return tables, slots
+def caught_up_tables(optimizer: Optimizer, state: TrainState) -> dict[str, jax.Array]:
+    """Every table whose rule catches up (exact Adam), brought up to date through state.step; elementwise per row,
+    so sharded tables stay sharded."""
+    return {name: rule.catch_up(state.params[name], state.opt_state["rows"][name], state.step)[0]
+            for name, rule in optimizer.rows.items() if rule.catch_up is not None}
 
 
 class DivergedError(Exception):
