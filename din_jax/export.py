@@ -141,7 +141,7 @@ class Encoder:
     def save(self, directory: str) -> None:
         """Writes the vocabularies into `directory`."""
         with open(os.path.join(directory, VOCABULARIES_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.tokens, f, ensure_ascii=False)
+            json.dump(self.tokens, f, ensure_ascii=False, allow_nan=False)
 
     @classmethod
     def load(cls, directory: str, spec: Mapping[str, str]) -> "Encoder":
@@ -271,7 +271,7 @@ class EmbeddingEncoder:
     def save(self, directory: str) -> None:
         """Writes the vocabularies (of the vocabulary-keyed features), the kinds and options, and the state."""
         with open(os.path.join(directory, VOCABULARIES_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.tokens, f, ensure_ascii=False)
+            json.dump(self.tokens, f, ensure_ascii=False, allow_nan=False)
         jsonfile.write(os.path.join(directory, EMBEDDINGS_FILE), self.features)
         np.savez(os.path.join(directory, EMBEDDING_STATE_FILE), **self.state_dict())
 

@@ -24,7 +24,7 @@ def builtin_data_dir(out_dir: str, spec: synthetic.SyntheticSpec, seed: int, pre
     reviews, meta = synthetic.generate(raw_dir, spec, seed)
     amazon.prepare(reviews, meta, out_dir, seed=prepare_seed)
     with open(marker + ".tmp", "w") as f:
-        json.dump(recipe, f, indent=1)
+        json.dump(recipe, f, indent=1, allow_nan=False)  # strict JSON, as every file din_jax writes
     os.replace(marker + ".tmp", marker)  # written last: a half-built directory is rebuilt next time
     return out_dir
 
