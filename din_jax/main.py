@@ -45,25 +45,26 @@ def parse_flags(argv: list[str]) -> list[str]:
         _exit(f"cannot load the config file given by --config ({e}); pass a file such as configs/default.py")
 
 
+LIST_FIELDS = "list the fields with `python -c 'from configs import default; print(default.get_config())'`"
+
+
 def unknown_key_message(argv: list[str]) -> str:
     """The sentence for a --config.key override that names no field, with the closest field when one is near."""
     config = _load_config(argv)
     for arg in argv[1:]:
         if not arg.startswith("--config."):
             continue
-        path = arg.split("=")[0].removeprefix("--config.").split(".")
         node, walked = config, ["config"]
-        for part in path:
-            if node is None or not hasattr(node, "keys") or part not in node:
-                fields = list(node.keys()) if node is not None and hasattr(node, "keys") else []
+        for part in arg.split("=")[0].removeprefix("--config.").split("."):
+            fields = list(node.keys()) if hasattr(node, "keys") else []  # a leaf or an unreadable file: none
+            if part not in fields:
                 named = ".".join(walked + [part])
                 close = difflib.get_close_matches(part, fields, n=1)
                 if close:
                     return f"unknown config key {named!r} (did you mean {'.'.join(walked + close)!r}?)"
-                return (f"unknown config key {named!r}: it is not a field of the config file; list the fields with "
-                        "`python -c 'from configs import default; print(default.get_config())'`")
+                return f"unknown config key {named!r}: it is not a field of the config file; {LIST_FIELDS}"
             node, walked = node[part], walked + [part]
-    return "unknown config key; list the fields with `python -c 'from configs import default; print(default.get_config())'`"
+    return f"unknown config key; {LIST_FIELDS}"
 
 
 def _load_config(argv: list[str]) -> Any:
