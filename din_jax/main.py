@@ -42,7 +42,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError):
         _exit(unknown_key_message(argv))
     except (OSError, SyntaxError, ImportError) as e:
-        _exit(f"cannot load the config file given by --config ({e}); pass a file such as configs/default.py")
+        _exit(f"cannot load the config file given by --config ({_one_line(e)}); pass a file such as configs/default.py")
 
 
 LIST_FIELDS = "list the fields with `python -c 'from configs import default; print(default.get_config())'`"

@@ -50,6 +50,11 @@ def test_bad_config_value_and_missing_config_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "din_jax.main", "--config", "configs/nope.py", "--workdir",
                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert_one_line_error(result, 2, "configs/nope.py")
+    with_override = subprocess.run([sys.executable, "-m", "din_jax.main", "--config", "configs/nope.py", "--workdir",
+                                    str(tmp_path), "--config.steps=3"], cwd=ROOT, capture_output=True, text=True,
+                                   timeout=120)
+    assert_one_line_error(with_override, 2, "configs/nope.py")
+    assert len(with_override.stderr.strip().splitlines()) == 1
 
 
 def test_missing_data_directory_says_how_to_prepare(tmp_path):
