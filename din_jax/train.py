@@ -583,15 +583,19 @@ class Trainer:
         return state.replace(params={**state.params, **self.jit_caught_up_tables(state)})
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
-        """A fresh train state from `config.seed`: replicated on every device, or with tables split by rows."""
-        if not self.shard_tables:
+        """A fresh train state from `config.seed`: replicated on every device, or with tables split by rows.
+
+        Created by one jitted function straight into its shardings (no device holds a whole split table), which
+        compiles once - and comes from the persistent compilation cache when one is set - instead of running the
+        initialisers op by op.
+        """
+        if self.shard_tables:
+            create = functools.partial(create_train_state, config, self.model, self.optimizer, self.mesh.size)
+        else:
             initial = {table: (slots, sources, self.host.defaults[table])
                        for table, (slots, sources) in self.host.initial_rows().items() if len(slots)}
-            return jax.device_put(create_train_state(config, self.model, self.optimizer, initial_rows=initial),
-                                  parallel.replicated(self.mesh))
-        # Created by a jitted function straight into its shardings: no device holds a whole table.
-        create = functools.partial(create_train_state, config, self.model, self.optimizer, self.mesh.size)
-        specs = state_specs(jax.eval_shape(create), parallel.DATA_AXIS, True)
+            create = functools.partial(create_train_state, config, self.model, self.optimizer, initial_rows=initial)
+        specs = state_specs(jax.eval_shape(create), parallel.DATA_AXIS, self.shard_tables)
         shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
         return jax.jit(create, out_shardings=shardings)()
 
