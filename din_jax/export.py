@@ -123,8 +123,7 @@ class Encoder:
 
     def unknown(self, column: str, tokens: Sequence[str]) -> int:
         """How many of `tokens` the vocabulary `column` lacks (they are scored as the unknown id 0)."""
-        known = self._ids[column]
-        return sum(token not in known for token in tokens)
+        return _missing(self._ids[column], tokens)
 
     def lookup(self, batch: Batch) -> Batch:
         """The batch of ids as the inference function takes it: unchanged (the ids are the table rows)."""
@@ -158,6 +157,11 @@ def token_table(column: str, vocab: Mapping[str, int]) -> list[str | None]:
                               f"{token!r}; an export needs one token per id")
         table[index] = token
     return table
+
+
+def _missing(ids: Mapping[str, int], tokens: Sequence[str]) -> int:
+    """How many of `tokens` a token -> id vocabulary lacks."""
+    return sum(token not in ids for token in tokens)
 
 
 def _token_ids(tokens: Sequence[str | None]) -> dict[str, int]:
@@ -215,8 +219,7 @@ class EmbeddingEncoder:
         """How many of `tokens` feature `column` has nothing learned for: vocabulary-keyed features' tokens outside
         the vocabulary (scored as id 0); raw-keyed ones' ids without a row (they read zeros, or adaptive's shared row)."""
         if column in self._ids:
-            known = self._ids[column]
-            return sum(token not in known for token in tokens)
+            return _missing(self._ids[column], tokens)
         if not tokens:
             return 0
         found = self.mappings[column].map(ev.hash_tokens(list(tokens)), 0, train=False)

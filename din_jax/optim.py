@@ -252,8 +252,7 @@ def exact_adam_rows(learning_rate: float, b1: float = 0.9, b2: float = 0.999, ep
         g = grads.astype(jnp.float32)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * jnp.square(g)
-        t = (step + 1).astype(jnp.float32)
-        lr_t = learning_rate * jnp.sqrt(1 - b2**t) / (1 - b1**t)
+        lr_t = adam_catchup.learning_rates(learning_rate, b1, b2, step + 1)  # tf_adam's lr_t, as the catch-up's
         new_rows = (rows.astype(jnp.float32) - lr_t * m / (jnp.sqrt(v) + eps)).astype(rows.dtype)
         return new_rows, {"m": m, "v": v, "last": jnp.full_like(slots["last"], step + 1)}, table_slots
 

@@ -29,7 +29,8 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from din_jax.export import DEFAULT_BATCH_SIZE, ID_COLUMNS, Example, ExportedModel, ExportError, load_model, parse_flags, run_command
+from din_jax.export import (DEFAULT_BATCH_SIZE, ID_COLUMNS, Example, ExportedModel, ExportError, load_model, parse_flags,
+                            run_command)
 from input_pipeline.errors import DataError, bad_line
 from input_pipeline.textio import atomic_write, open_lines
 
@@ -55,7 +56,7 @@ class Stats:
     unknown_tokens: dict[str, int] = dataclasses.field(default_factory=dict)  # per feature: nothing learned for them
 
     def unknown_summary(self) -> str:
-        """'' when every token was known, else e.g. '12 unknown tokens (uid 2, mid 10, cat 0) scored as unknown'."""
+        """'' when every token was known, else e.g. '12 tokens unknown to the model (uid 2, mid 10, cat 0): ...'."""
         total = sum(self.unknown_tokens.values())
         if not total:
             return ""
