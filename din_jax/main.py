@@ -90,11 +90,15 @@ def _exit(message: str) -> None:
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter of orbax and jax (dozens of lines per checkpoint), and the tracebacks orbax logs for a
-    failed write in its worker threads (the error reaches the save, which reports it in one line); warnings show."""
+    """Drops INFO chatter of orbax and jax (dozens of lines per checkpoint), the tracebacks orbax logs for a
+    failed write in its worker threads (the error reaches the save, which reports it in one line), and asyncio's
+    "Task exception was never retrieved" for orbax's other array reads abandoned after a failed restore (the
+    restore reports the failure in one line); warnings show."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if "/orbax/" in record.pathname and "raised an exception" in str(record.msg):
+            return False
+        if record.name == "asyncio" and "/orbax/" in record.getMessage():
             return False
         noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
         return record.levelno >= std_logging.WARNING or not noisy
@@ -119,6 +123,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    std_logging.getLogger("asyncio").addFilter(_QuietLibraries())  # whichever handler would print its reports
     sys.unraisablehook = _unraisable
     from din_jax import parallel, train  # imported here so that --help and flag errors stay fast
 

@@ -99,3 +99,16 @@ def test_only_orbax_leftovers_of_a_reported_failure_are_kept_out_of_stderr(monke
     main_module._unraisable(other)
     orbax_read.close()
     assert shown == [other]
+
+
+def test_asyncio_reports_of_abandoned_orbax_reads_are_filtered_and_others_kept():
+    import logging
+    from din_jax import main as main_module
+    quiet = main_module._QuietLibraries()
+
+    def asyncio_record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, "/lib/asyncio/base_events.py", 1, message, None, None)
+    abandoned = asyncio_record("Task exception was never retrieved\nfuture: <Task finished coro=<async_deserialize() "
+                               "done, defined at /site-packages/orbax/checkpoint/_src/serialization/serialization.py:394>")
+    assert not quiet.filter(abandoned)
+    assert quiet.filter(asyncio_record("Task exception was never retrieved\nfuture: <Task coro=<ours() done>"))
