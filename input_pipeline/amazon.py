@@ -92,7 +92,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import re
 import threading
 import time
@@ -106,12 +105,12 @@ import pyarrow.parquet as pq
 import tqdm
 from absl import app, flags
 
-from input_pipeline import cli
+from input_pipeline import cli, events
 from input_pipeline.errors import DataError, bad_file, bad_line
+from input_pipeline.events import (DEFAULT_CAT, draw_negatives, first_positions, test_flags, timelines,
+                                   write_vocabularies)
 from input_pipeline.textio import LineBlock, atomic_files, line_blocks, open_lines
 
-DEFAULT_MID = "default_mid"
-DEFAULT_CAT = "default_cat"
 TRAIN_FILE = "local_train_splitByUser"
 TEST_FILE = "local_test_splitByUser"
 PARQUET_SUFFIX = ".parquet"
@@ -209,17 +208,15 @@ class _Pairs:
 
 
 def prepare(reviews: str, meta: str | None, out_dir: str, *, seed: int = 3, test_fraction: float = 0.1,
-            on_bad_line: str = "error", format: str = "text", progress: bool = False) -> PrepareStats:
-    """Writes the DIEN sample files, vocabularies and info files for one category to `out_dir`.
+            on_bad_line: str = "error", format: str = "text", progress: bool = False, samples: str = "last_event",
+            split_time: int | None = None) -> PrepareStats:
+    """Writes the DIEN sample files (or with samples='every_event' the `events` storage), vocabularies and
+    info files for one category to `out_dir`.
 
-    `progress` shows a bar per stage on stderr when it is a terminal.
+    `progress` shows a bar per stage on stderr when it is a terminal; `split_time` splits by time
+    (samples whose positive is at or after it go to test) instead of by user.
     """
-    if on_bad_line not in ("error", "skip"):
-        raise ValueError(f"on_bad_line must be 'error' or 'skip', not {on_bad_line!r}")
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1], not {test_fraction}")
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    check_options(on_bad_line, test_fraction, samples, split_time, format)
     start = time.perf_counter()
     for path in (reviews, meta) if meta else (reviews,):
         with open_lines(path):  # a wrong path fails now, not after a long parse
@@ -230,17 +227,50 @@ def prepare(reviews: str, meta: str | None, out_dir: str, *, seed: int = 3, test
         problem = f"has no usable review lines ({bad_reviews} bad lines skipped)" if bad_reviews else "has no reviews"
         raise bad_file(reviews, problem, "pass a reviews_<Category>.json[.gz] file with one JSON review a line")
     item_cat, cat_tokens = _item_categories(data.item_tokens, _reviewed_categories(data.item_tokens, info))
-    negative_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    pairs = _pairs(reviews, data, negative_rng, split_rng, test_fraction)
-    _check_train_split(reviews, pairs, bad_reviews + bad_meta, truncated)
-    _write_outputs(out_dir, data, pairs, item_cat, cat_tokens, info, format=format, progress=progress)
+    train_pairs, test_pairs, dropped_users = write_samples(
+        reviews, out_dir, data, item_cat, cat_tokens, info, samples=samples, seed=seed, test_fraction=test_fraction,
+        split_time=split_time, bad_lines=bad_reviews + bad_meta, truncated=truncated, format=format, progress=progress)
     return PrepareStats(
         reviews=len(data.uid), users=len(data.uid_tokens), items=len(data.item_tokens),
-        train_pairs=int((~pairs.test).sum()), test_pairs=int(pairs.test.sum()),
-        dropped_users=len(data.uid_tokens) - len(pairs.uid),
+        train_pairs=train_pairs, test_pairs=test_pairs, dropped_users=dropped_users,
         items_without_meta=int((cat_tokens[item_cat] == DEFAULT_CAT.encode()).sum()),
         meta_items=len(info.asin), bad_review_lines=bad_reviews, bad_meta_lines=bad_meta,
         truncated=truncated, seconds=time.perf_counter() - start)
+
+
+def check_options(on_bad_line: str, test_fraction: float, samples: str, split_time: int | None,
+                  format: str = "text") -> None:
+    """Raises ValueError, one line naming the option, for an option no preparation accepts."""
+    if on_bad_line not in ("error", "skip"):
+        raise ValueError(f"on_bad_line must be 'error' or 'skip', not {on_bad_line!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    events.check_options(samples, test_fraction, split_time)
+    if samples == "every_event" and format != "text":
+        raise ValueError(f"--format {format} chooses the DIEN sample files of --samples last_event; every_event "
+                         "samples are stored as events_*.npy columns (drop --format)")
+
+
+def write_samples(path: str, out_dir: str, data: _Reviews, item_cat: np.ndarray, cat_tokens: np.ndarray,
+                  item_info, *, samples: str, seed: int, test_fraction: float, split_time: int | None, bad_lines: int,
+                  truncated: tuple[str, ...], format: str = "text", progress: bool = False) -> tuple[int, int, int]:
+    """Draws and writes the samples of either mode and the vocabularies: (train pairs, test pairs, dropped users).
+
+    Errors (an empty train split, ...) are raised before anything is written.
+    """
+    if samples == "every_event":
+        stats = events.prepare(out_dir, path, data.uid, data.item, data.time, item_cat,
+                               {"uid": data.uid_tokens, "mid": data.item_tokens, "cat": cat_tokens}, seed=seed,
+                               test_fraction=test_fraction, split_time=split_time,
+                               check_train=lambda train, test: _check_train_split(path, train, test, bad_lines,
+                                                                                  truncated))
+        return stats.train_pairs, stats.test_pairs, stats.dropped_users
+    negative_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    pairs = _pairs(path, data, negative_rng, split_rng, test_fraction, split_time)
+    train_pairs, test_pairs = int((~pairs.test).sum()), int(pairs.test.sum())
+    _check_train_split(path, train_pairs, test_pairs, bad_lines, truncated)
+    _write_outputs(out_dir, data, pairs, item_cat, cat_tokens, item_info, format=format, progress=progress)
+    return train_pairs, test_pairs, len(data.uid_tokens) - len(pairs.uid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,10 +667,10 @@ def _item_categories(item_tokens: np.ndarray, categories: dict[bytes, bytes | No
     return item_cat.astype(np.int64), cat_tokens
 
 
-def _pairs(path: str, data: _Reviews, negative_rng: np.random.Generator,
-           split_rng: np.random.Generator, test_fraction: float) -> _Pairs:
+def _pairs(path: str, data: _Reviews, negative_rng: np.random.Generator, split_rng: np.random.Generator,
+           test_fraction: float, split_time: int | None = None) -> _Pairs:
     """Each multi-review user's last review with a drawn negative, its history and its split."""
-    order, users, counts = _timelines(data.uid, data.time)
+    order, users, counts = timelines(data.uid, data.time)
     items = data.item[order]  # every user's reviews, oldest first, users by first review
     ends = np.cumsum(counts)
     is_last = np.zeros(len(items), dtype=bool)
@@ -650,14 +680,14 @@ def _pairs(path: str, data: _Reviews, negative_rng: np.random.Generator,
     if len(positive) and len(data.item_tokens) == 1:
         raise bad_file(path, "every review is of the same item, so no negative item can be drawn",
                        "use a review file with at least two items")
-    return _Pairs(uid=users[kept], negative=_draw_negatives(data.item, positive, negative_rng),
+    return _Pairs(uid=users[kept], negative=draw_negatives(data.item, positive, negative_rng),
                   positive=positive, history=items[~is_last], history_length=counts[kept] - 1,
-                  test=split_rng.random(len(positive)) < test_fraction)
+                  test=test_flags(split_rng, len(positive), test_fraction, data.time[order[ends - 1][kept]],
+                                  split_time, path))
 
 
-def _check_train_split(path: str, pairs: _Pairs, bad_lines: int, truncated: tuple[str, ...]) -> None:
+def _check_train_split(path: str, train: int, test: int, bad_lines: int, truncated: tuple[str, ...]) -> None:
     """Raises a DataError, before anything is written, when no pair went to the train split (training needs one)."""
-    train, test = int((~pairs.test).sum()), int(pairs.test.sum())
     if train:
         return
     if truncated:
@@ -668,36 +698,6 @@ def _check_train_split(path: str, pairs: _Pairs, bad_lines: int, truncated: tupl
         fix = ("the input is too small: every user has a single (positive) line, so no pair has a history - "
                "use more data")
     raise bad_file(path, f"no train pairs ({cli.counts(train, test, bad_lines)})", fix)
-
-
-def _timelines(uid: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Review order by (user's first review, time, file position); user codes and counts in that order."""
-    users = np.argsort(_first_positions(uid, int(uid.max()) + 1 if len(uid) else 0))  # user codes by first review
-    rank = np.empty_like(users)
-    rank[users] = np.arange(len(users))
-    span = int(seconds.max() - seconds.min()) if len(seconds) else 0
-    if span.bit_length() + len(users).bit_length() <= 62:  # one stable sort of a combined key is ~2x faster
-        order = np.argsort((rank[uid] << span.bit_length()) | (seconds - seconds.min()), kind="stable")
-    else:
-        order = np.lexsort((seconds, rank[uid]))  # lexsort is stable: equal keys keep file order
-    return order, users, np.bincount(uid, minlength=len(users))[users]
-
-
-def _first_positions(codes: np.ndarray, n: int) -> np.ndarray:
-    """Where each of the codes 0..n-1 first occurs in `codes` (len(codes) if it does not), [n] int64."""
-    first = np.full(n, len(codes), np.int64)
-    np.minimum.at(first, codes, np.arange(len(codes)))
-    return first
-
-
-def _draw_negatives(item_list: np.ndarray, positive: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per positive, an item drawn uniformly from `item_list`, re-drawn while equal to the positive."""
-    negative = item_list[rng.integers(0, len(item_list), size=len(positive))]
-    redraw = np.flatnonzero(negative == positive)
-    while len(redraw):
-        negative[redraw] = item_list[rng.integers(0, len(item_list), size=len(redraw))]
-        redraw = redraw[negative[redraw] == positive[redraw]]
-    return negative
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -737,16 +737,9 @@ def _vocabularies(pairs: _Pairs, n_users: int, item_cat: np.ndarray, n_cats: int
 
 def _frequency_order(shown: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The codes in `shown`, most frequent first, ties broken by first appearance."""
-    first = _first_positions(shown, len(counts))
+    first = first_positions(shown, len(counts))
     present = np.flatnonzero(first < len(shown))
     return present[np.lexsort((first[present], -counts[present]))]
-
-
-def _vocabulary(tokens: Iterable[bytes], default: str | None) -> dict[str, int]:
-    """token -> id in the given order; `default` (if any) keeps id 0 even if it occurs in `tokens`."""
-    names = [token.decode("utf-8") for token in tokens]
-    head = [default] if default is not None else []
-    return {name: i for i, name in enumerate(head + [n for n in names if n != default])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,12 +769,9 @@ def _write_outputs(out_dir: str, data: _Reviews, pairs: _Pairs, item_cat: np.nda
             else:
                 _write_chunks(create(name), ((_sample_text(table), table.num_rows // 2) for table in tables), bar)
         uid_order, mid_order, cat_order = _vocabularies(pairs, len(data.uid_tokens), item_cat, len(cat_tokens))
-        for name, vocabulary in (("uid_voc", _vocabulary(data.uid_tokens[uid_order], None)),
-                                 ("mid_voc", _vocabulary(data.item_tokens[mid_order], DEFAULT_MID)),
-                                 ("cat_voc", _vocabulary(cat_tokens[cat_order], DEFAULT_CAT))):
-            create(f"{name}.pkl").write(pickle.dumps(vocabulary, protocol=4))
-            create(f"{name}.txt").write("".join(f"{token}\n" for token in vocabulary).encode("utf-8"))
+        write_vocabularies(create, data.uid_tokens[uid_order], data.item_tokens[mid_order], cat_tokens[cat_order])
         info_files.result()
+    events.remove_storage(out_dir)
     stale = "" if format == "parquet" else PARQUET_SUFFIX
     for name in (TRAIN_FILE, TEST_FILE):
         with contextlib.suppress(FileNotFoundError):
@@ -895,7 +885,8 @@ def main(argv: list[str]) -> None:
     """Prepares one category and prints the counts; a DataError is one line on stderr, status 1."""
     cli.run(argv, lambda args: prepare(args.reviews, args.meta, args.out_dir, seed=args.seed,
                                        test_fraction=args.test_fraction, on_bad_line=args.on_bad_line,
-                                       format=args.format, progress=args.progress))
+                                       format=args.format, progress=args.progress, samples=args.samples,
+                                       split_time=args.split_time))
 
 
 if __name__ == "__main__":

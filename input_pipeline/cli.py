@@ -12,11 +12,17 @@ from input_pipeline.errors import DataError
 
 
 def define_common_flags() -> None:
-    """--out_dir, --seed, --test_fraction and --on_bad_line, as every converter takes them."""
+    """--out_dir, --seed, --test_fraction, --samples, --split_time and --on_bad_line, as every converter takes them."""
     flags.DEFINE_string("out_dir", None, "Directory for the sample files and vocabularies.", required=True)
     flags.DEFINE_integer("seed", 3, "Seed of the negative sampling and the train/test split.")
     flags.DEFINE_float("test_fraction", 0.1, "Probability that a user's pair goes to the test file.",
                        lower_bound=0.0, upper_bound=1.0)
+    flags.DEFINE_enum("samples", "last_event", ["last_event", "every_event"],
+                      "last_event: one (negative, positive) pair per user, DIEN's files; every_event: a pair per "
+                      "positive after the user's first, stored as per-user sequences + pointers "
+                      "(input_pipeline.events).")
+    flags.DEFINE_integer("split_time", None, "Split by time instead of by user: samples whose positive is at or "
+                         "after this unix time go to the test split.")
     flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"],
                       "On a malformed line: stop with an error, or count and skip it.")
 
@@ -49,6 +55,9 @@ def warnings(stats: Any) -> list[str]:
     kept = counts(stats.train_pairs, stats.test_pairs, bad_lines)
     found = [f"truncated input: {file} - the rest of its gzip stream is missing or corrupt and was not read ({kept}); "
              "fetch the file again for the whole data set" for file in stats.truncated]
+    if bad_lines:
+        found.append(f"skipped {bad_lines:,} malformed lines ({kept}); rerun with --on_bad_line=error to see the "
+                     "first one with its line number")
     if not stats.test_pairs:
         found.append(f"the test split is empty ({kept}); python -m din_jax.main loads it even with "
                      "--config.no_eval=true and stops there - prepare again from complete raw files, or with more "

@@ -11,10 +11,13 @@ from input_pipeline.errors import bad_file
 _BUILTIN_MARKER = "builtin.json"
 
 
-def builtin_data_dir(out_dir: str, spec: synthetic.SyntheticSpec, seed: int, prepare_seed: int) -> str:
-    """Generates and prepares the built-in data in `out_dir` unless the same spec and seeds are there already."""
+def builtin_data_dir(out_dir: str, spec: synthetic.SyntheticSpec, seed: int, prepare_seed: int,
+                     samples: str = "last_event") -> str:
+    """Generates and prepares the built-in data in `out_dir` unless the same spec, seeds and sample mode are there."""
     recipe = {"spec": _jsonable(spec), "seed": seed, "prepare_seed": prepare_seed,
               "version": synthetic.FORMAT_VERSION}
+    if samples != "last_event":
+        recipe["samples"] = samples
     marker = os.path.join(out_dir, _BUILTIN_MARKER)
     if os.path.exists(marker):
         with open(marker) as f:
@@ -22,7 +25,7 @@ def builtin_data_dir(out_dir: str, spec: synthetic.SyntheticSpec, seed: int, pre
                 return out_dir
     raw_dir = os.path.join(out_dir, "raw")
     reviews, meta = synthetic.generate(raw_dir, spec, seed)
-    amazon.prepare(reviews, meta, out_dir, seed=prepare_seed)
+    amazon.prepare(reviews, meta, out_dir, seed=prepare_seed, samples=samples)
     with open(marker + ".tmp", "w") as f:
         json.dump(recipe, f, indent=1, allow_nan=False)  # strict JSON, as every file din_jax writes
     os.replace(marker + ".tmp", marker)  # written last: a half-built directory is rebuilt next time

@@ -14,6 +14,10 @@ Unknown tokens map to id 0, as DeepRec (default_value=0) and DIEN's data iterato
 
 Encoded columns are cached as one `.npy` per column under `<data_dir>/.din_cache/`, keyed by
 the sample file, the vocabularies and FORMAT_VERSION, so later runs memory-map them.
+
+A directory prepared with `--samples every_event` holds no sample files but the per-user sequences
+and sample pointers of `input_pipeline.events` (its events.json marks it); `load_split` reads it
+the same way into the same EncodedSplit, whose histories are then slices of one shared sequence.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from input_pipeline import events
 from input_pipeline.errors import DataError, bad_file, bad_line
 from input_pipeline.textio import read_bytes
 
@@ -44,8 +49,8 @@ PARQUET_SUFFIX = ".parquet"
 VOCAB_NAMES = ("uid", "mid", "cat")
 VOCAB_SUFFIXES = (".txt", ".pkl", ".pickle")
 CACHE_DIR = ".din_cache"
-FORMAT_VERSION = 1
-COLUMNS = ("label", "uid", "mid", "cat", "hist_offsets", "hist_mids", "hist_cats", "user")
+FORMAT_VERSION = 2
+COLUMNS = ("label", "uid", "mid", "cat", "hist_start", "hist_lengths", "hist_mids", "hist_cats", "user")
 FIELDS = "label uid mid cat hist_mids hist_cats"
 HISTORY_SEPARATOR = b"\x02"
 HISTORY_CHUNK_LINES = 1 << 16
@@ -80,24 +85,30 @@ class Vocabularies:
 
 @dataclasses.dataclass(frozen=True)
 class EncodedSplit:
-    """One sample file, encoded; ragged histories in CSR form."""
+    """One split, encoded; each history a (start, length) slice of the hist_mids / hist_cats entries.
+
+    A sample file's histories follow one another (hist_start is the running sum of hist_lengths); an
+    every-event split's point into its users' sequences, which many examples share.
+    """
 
     label: np.ndarray         # float32 [N]
     uid: np.ndarray           # int32 [N] vocabulary ids
     mid: np.ndarray           # int32 [N]
     cat: np.ndarray           # int32 [N]
-    hist_offsets: np.ndarray  # int64 [N+1]; example i's history is hist_mids[hist_offsets[i]:hist_offsets[i+1]]
-    hist_mids: np.ndarray     # int32 [sum of lengths], oldest first
-    hist_cats: np.ndarray     # int32 [sum of lengths]
-    user: np.ndarray          # int32 [N] dense index of the raw uid string within this file (GAUC groups)
+    hist_start: np.ndarray    # int64 [N]; example i's history is hist_mids[hist_start[i]:][:hist_lengths[i]]
+    hist_lengths: np.ndarray  # int32 [N]
+    hist_mids: np.ndarray     # int32 [entries], each history oldest first
+    hist_cats: np.ndarray     # int32 [entries]
+    user: np.ndarray          # int32 [N] dense index of the raw uid string (GAUC groups)
 
     def __len__(self) -> int:
         return len(self.label)
 
-    @property
-    def hist_lengths(self) -> np.ndarray:
-        """History length of each example, int32 [N]."""
-        return np.diff(self.hist_offsets).astype(np.int32)
+    @classmethod
+    def from_offsets(cls, offsets: np.ndarray, **columns: np.ndarray) -> "EncodedSplit":
+        """An EncodedSplit of consecutive histories: example i's is entries offsets[i]:offsets[i+1]."""
+        offsets = np.asarray(offsets, np.int64)
+        return cls(hist_start=offsets[:-1], hist_lengths=np.diff(offsets).astype(np.int32), **columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,12 +208,12 @@ def encode_file(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSplit:
     np.cumsum(lengths, out=offsets[1:])
     tables = {name: _byte_keys(getattr(vocabs, name)) for name in VOCAB_NAMES}
     uids = fields[1::6]
-    return EncodedSplit(
+    return EncodedSplit.from_offsets(
+        offsets,
         label=labels,
         uid=_lookup(uids, tables["uid"]),
         mid=_lookup(fields[2::6], tables["mid"]),
         cat=_lookup(fields[3::6], tables["cat"]),
-        hist_offsets=offsets,
         hist_mids=_lookup_histories(hist_mids, tables["mid"]),
         hist_cats=_lookup_histories(hist_cats, tables["cat"]),
         user=_lookup(uids, {u: i for i, u in enumerate(dict.fromkeys(uids))}),
@@ -301,12 +312,16 @@ def _lookup(tokens: list[bytes], table: dict[bytes, int]) -> np.ndarray:
 
 
 def open_vocabularies(data_dir: str | os.PathLike, vocabs: Vocabularies) -> Vocabularies:
-    """`vocabs` extended with every token of the train and test files it lacks (new ids after its own, in
-    order of first appearance): an encoding that keeps every raw id distinct, for embeddings keyed by raw
+    """`vocabs` extended with every token of the train and test files (or every-event token lists) it lacks
+    (new ids after its own, in order of first appearance, or of code): an encoding that keeps every raw id distinct, for embeddings keyed by raw
     ids (EmbeddingVariable), where a token outside the vocabulary files is still an id of its own."""
     tables = {name: dict(getattr(vocabs, name)) for name in VOCAB_NAMES}
-    for split in ("train", "test"):
-        for name, tokens in _file_tokens(sample_source(data_dir, split)).items():
+    if events.is_events_dir(data_dir):
+        sources = [{name: events.read_tokens(data_dir, name) for name in VOCAB_NAMES}]
+    else:
+        sources = (_file_tokens(sample_source(data_dir, split)) for split in ("train", "test"))
+    for tokens_of in sources:
+        for name, tokens in tokens_of.items():
             table = tables[name]
             next_id = max(table.values(), default=-1) + 1
             for token in dict.fromkeys(tokens):
@@ -358,12 +373,12 @@ def _encode_parquet(path: str | os.PathLike, vocabs: Vocabularies) -> EncodedSpl
         raise bad_line(path, i + 1, f"hist_mids has {mid_offsets[i + 1] - mid_offsets[i]} entries but hist_cats "
                                     f"has {cat_offsets[i + 1] - cat_offsets[i]}",
                        "each history item needs its category")
-    return EncodedSplit(
+    return EncodedSplit.from_offsets(
+        mid_offsets,
         label=_parquet_labels(path, table["label"]),
         uid=_lookup_strings(uid, vocabs.uid),
         mid=_lookup_strings(mid, vocabs.mid),
         cat=_lookup_strings(cat, vocabs.cat),
-        hist_offsets=mid_offsets,
         hist_mids=_lookup_strings(hist_mids, vocabs.mid),
         hist_cats=_lookup_strings(hist_cats, vocabs.cat),
         user=pc.dictionary_encode(uid).indices.to_numpy().astype(np.int32),
@@ -447,6 +462,12 @@ def _lookup_strings(tokens: pa.Array, table: dict[str, int]) -> np.ndarray:
 # Cache
 
 
+def default_history_keep(data_dir: str | os.PathLike) -> str:
+    """Which history entries batches keep unless told: the every-event storage's recorded 'last', else
+    DeepRec's 'first' (the oldest max_seq_length entries)."""
+    return events.read_manifest(data_dir)["history_keep"] if events.is_events_dir(data_dir) else "first"
+
+
 def sample_path(data_dir: str | os.PathLike, split: str) -> str:
     """The sample file of `split` ('train' or 'test') in `data_dir`."""
     if split not in SPLIT_FILES:
@@ -465,7 +486,16 @@ def sample_source(data_dir: str | os.PathLike, split: str) -> str:
 
 
 def load_split(data_dir: str | os.PathLike, split: str, vocabs: Vocabularies) -> EncodedSplit:
-    """The encoded `split` (Parquet preferred, else text), from the on-disk cache when it matches."""
+    """The encoded `split` (every-event storage, else Parquet, else text), from the on-disk cache when it matches."""
+    if events.is_events_dir(data_dir):
+        if split not in SPLIT_FILES:
+            raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
+        key = _digest([FORMAT_VERSION, _file_identity(os.path.join(os.fspath(data_dir), events.MANIFEST)),
+                       vocabs.fingerprint])
+        cache = os.path.join(os.fspath(data_dir), CACHE_DIR, f"events.{key}")
+        columns = events.load_columns(data_dir, split, {name: getattr(vocabs, name) for name in VOCAB_NAMES}, cache)
+        _remove_stale_caches(cache)
+        return EncodedSplit(**columns)
     path = sample_source(data_dir, split)
     key = _digest([FORMAT_VERSION, _file_identity(path), vocabs.fingerprint])
     cache = os.path.join(os.fspath(data_dir), CACHE_DIR, f"{SPLIT_FILES[split]}.{key}")

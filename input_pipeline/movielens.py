@@ -39,9 +39,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from input_pipeline.amazon import (DEFAULT_CAT, _check_train_split, _checked, _first_categories, _item_categories,
-                                   _Malformed, _pairs, _parse_lines, _read, _review_columns, _write_outputs,
-                                   checked_fields)
+from input_pipeline.amazon import (DEFAULT_CAT, _checked, _first_categories, _item_categories, _Malformed, _parse_lines,
+                                   _read, _review_columns, check_options, checked_fields, write_samples)
 from input_pipeline import cli
 from input_pipeline.errors import bad_file, bad_line
 from input_pipeline.textio import open_lines
@@ -94,12 +93,11 @@ class PrepareStats:
 
 
 def prepare(ratings: str, movies: str, out_dir: str, *, min_rating: float = 4.0, seed: int = 3,
-            test_fraction: float = 0.1, on_bad_line: str = "error") -> PrepareStats:
-    """Writes the DIEN sample files, vocabularies and info files of a MovieLens release to `out_dir`."""
-    if on_bad_line not in ("error", "skip"):
-        raise ValueError(f"on_bad_line must be 'error' or 'skip', not {on_bad_line!r}")
-    if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1], not {test_fraction}")
+            test_fraction: float = 0.1, on_bad_line: str = "error", samples: str = "last_event",
+            split_time: int | None = None) -> PrepareStats:
+    """Writes the DIEN sample files (or the every-event storage), vocabularies and info files of a MovieLens
+    release to `out_dir`; `samples` and `split_time` as in `input_pipeline.amazon.prepare`."""
+    check_options(on_bad_line, test_fraction, samples, split_time)
     start = time.perf_counter()
     layout = _detect_layout(ratings, _RATINGS_SEPARATOR, "ratings", _RATINGS_HINT)
     movies_layout = _detect_layout(movies, _MOVIES_SEPARATOR, "movies", _MOVIES_HINT)
@@ -121,14 +119,13 @@ def prepare(ratings: str, movies: str, out_dir: str, *, min_rating: float = 4.0,
         movies, skip, functools.partial(_parse_lines, parse_line=functools.partial(_movie_fields, layout=layout)))
     movie_rows = [row for part in movie_parts for row in part]
     item_cat, cat_tokens = _item_categories(data.item_tokens, _first_categories(movie_rows))
-    negative_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    pairs = _pairs(ratings, data, negative_rng, split_rng, test_fraction)
-    _check_train_split(ratings, pairs, bad_ratings + bad_movies, truncated + movies_truncated)
-    _write_outputs(out_dir, data, pairs, item_cat, cat_tokens, movie_rows)
+    train_pairs, test_pairs, dropped_users = write_samples(
+        ratings, out_dir, data, item_cat, cat_tokens, movie_rows, samples=samples, seed=seed,
+        test_fraction=test_fraction, split_time=split_time, bad_lines=bad_ratings + bad_movies,
+        truncated=truncated + movies_truncated)
     return PrepareStats(
         ratings=len(table), positives=len(positive), users=len(data.uid_tokens), items=len(data.item_tokens),
-        train_pairs=int((~pairs.test).sum()), test_pairs=int(pairs.test.sum()),
-        dropped_users=len(data.uid_tokens) - len(pairs.uid),
+        train_pairs=train_pairs, test_pairs=test_pairs, dropped_users=dropped_users,
         items_without_genre=int((cat_tokens[item_cat] == DEFAULT_CAT.encode()).sum()),
         movies=len(movie_rows), bad_rating_lines=bad_ratings, bad_movie_lines=bad_movies,
         truncated=truncated + movies_truncated, seconds=time.perf_counter() - start)
@@ -203,7 +200,8 @@ def main(argv: list[str]) -> None:
     """Prepares one MovieLens release and prints the counts; a DataError is one line on stderr, status 1."""
     cli.run(argv, lambda args: prepare(args.ratings, args.movies, args.out_dir, min_rating=args.min_rating,
                                        seed=args.seed, test_fraction=args.test_fraction,
-                                       on_bad_line=args.on_bad_line))
+                                       on_bad_line=args.on_bad_line, samples=args.samples,
+                                       split_time=args.split_time))
 
 
 if __name__ == "__main__":

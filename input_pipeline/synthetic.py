@@ -2,18 +2,27 @@
 
 The files have the same fields and layout as the real `reviews_<Cat>_5.json.gz` (one JSON object a
 line) and `meta_<Cat>.json.gz` (one Python-literal dict a line), so they go through the real DIEN
-preparation (`input_pipeline.amazon`) unchanged. This is the built-in default's data source.
+preparation (`input_pipeline.amazon`) unchanged. This is the built-in default's data source;
+`input_pipeline.behavior_log` writes the same users' behaviour as a Taobao UserBehavior.csv
+(`--format taobao --rows N`).
 
-Why the history matters on it: every user holds `interests_per_user` unrelated interests (categories),
-one of them dominant. Each minor interest is mentioned `minor_mentions` times among the earlier
-reviews and the dominant one fills the rest, but the user's last review - the positive that DIEN's
-preparation turns into the labelled pair - comes from a minor interest with probability
+Why the history matters on it: every user holds `interests_per_user` unrelated interests (categories,
+popular ones more often), one of them dominant. Each minor interest is mentioned `minor_mentions` times
+among the earlier reviews and the dominant one fills the rest, but the user's last review - the positive
+that DIEN's preparation turns into the labelled pair - comes from a minor interest with probability
 `minor_last_prob`, and then often from the same item *series* as the earlier review of that interest
 (books of a series, parts of a kit). So the signal is one or two history items among many: a plain
 sum of the history is dominated by the major interest, while DIN's candidate-aware terms can pick the
-related items out. The negative of each pair is a popularity-weighted random item (DIEN's rule),
-mostly unrelated to the user. `python benchmarks/sweep.py --field model.attention --values softmax,none`
-measures the effect (README, "What DIN's history modelling buys").
+related items out; and the series make item identity matter beyond the category. The negative of each
+pair is a popularity-weighted random item (DIEN's rule), mostly unrelated to the user.
+`python benchmarks/sweep.py --field model.attention --values softmax,none` measures the effect (README,
+"What DIN's history modelling buys").
+
+Why it is not learned perfectly: any review, the last included, is with probability `explore_prob` a
+popular item of any category (real users wander), and a user reviews an item once (repeats are redrawn)
+unless `repeat_prob` repeats one on purpose, as Taobao's page views do. `explore_prob` sets how far from
+separable the labels are: one epoch of DIN reaches a test AUC of ~0.66 at 50k users and ~0.75 at Books
+size (`benchmarks/generator_difficulty.py`), where real Books gives 0.70-0.77.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ import time as time_module
 
 import numpy as np
 
+from input_pipeline import review_text
 from input_pipeline.textio import atomic_write
 
-FORMAT_VERSION = 1  # bump when the generator's output for a given spec and seed changes
+FORMAT_VERSION = 2  # bump when the generator's output for a given spec and seed changes
 REVIEWS_FILE = "reviews_Synthetic_5.json.gz"
 META_FILE = "meta_Synthetic.json.gz"
 _FIRST_REVIEW_TIME = 946_684_800  # 2000-01-01
@@ -50,10 +60,13 @@ class SyntheticSpec:
     minor_mentions: int = 1             # earlier reviews per minor interest; the rest are the dominant one
     minor_last_prob: float = 0.8        # P(the last review comes from a minor interest)
     same_series_prob: float = 0.8       # P(a minor-interest last review continues a series in the history)
+    explore_prob: float = 0.2           # P(a review, the last included, is a popular item outside the interests)
+    repeat_prob: float = 0.0            # P(a review repeats one of the user's earlier items)
     mean_reviews: float = 14.0          # mean reviews per user (5-core: at least 5)
     min_reviews: int = 5
     max_reviews: int = 120
-    zipf_exponent: float = 1.1          # item popularity within a category
+    zipf_exponent: float = 1.1          # item popularity (global rank)
+    category_zipf_exponent: float = 0.8  # how users' interests concentrate on popular categories
 
     def validate(self) -> None:
         """Raises ValueError naming the field when a size cannot produce a data set."""
@@ -72,7 +85,7 @@ class SyntheticSpec:
                                  "see SyntheticSpec in input_pipeline/synthetic.py for the constraints")
         if self.minor_mentions < 1:
             raise ValueError(f"synthetic.minor_mentions must be at least 1, got {self.minor_mentions}")
-        for field in ("minor_last_prob", "same_series_prob"):
+        for field in ("minor_last_prob", "same_series_prob", "explore_prob", "repeat_prob"):
             if not 0.0 <= getattr(self, field) <= 1.0:
                 raise ValueError(f"synthetic.{field} must lie in [0, 1], got {getattr(self, field)}")
 
@@ -88,8 +101,8 @@ def _codes(prefix: bytes, numbers: np.ndarray, width: int, salt: int) -> list[st
     return [prefix.decode() + row.tobytes().decode() for row in digits]
 
 
-def _catalogue(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per item: category, series and within-category popularity weight."""
+def _catalogue(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[_ItemSampler, np.ndarray]:
+    """The items (category, series, popularity) as a sampler, and the categories' weights as interests."""
     series_count = spec.num_items // spec.series_length
     series_category = np.concatenate([
         np.arange(spec.num_categories),  # every category holds at least one series
@@ -98,12 +111,17 @@ def _catalogue(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[np.ndarra
     item_series = np.repeat(np.arange(series_count), spec.series_length)
     item_series = np.concatenate([item_series, rng.integers(0, series_count, spec.num_items - len(item_series))])
     item_category = series_category[item_series]
-    popularity = 1.0 / np.arange(1, spec.num_items + 1) ** spec.zipf_exponent
-    return item_category, item_series, popularity[rng.permutation(spec.num_items)]
+    sampler = _ItemSampler(item_category, item_series, _zipf_weights(spec.num_items, spec.zipf_exponent, rng))
+    return sampler, _zipf_weights(spec.num_categories, spec.category_zipf_exponent, rng)
+
+
+def _zipf_weights(count: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Weights 1 / rank^exponent, ranks in random order."""
+    return (1.0 / np.arange(1, count + 1) ** exponent)[rng.permutation(count)]
 
 
 class _ItemSampler:
-    """Draws popularity-weighted items from a category, and items of a given series."""
+    """Draws popularity-weighted items (of all, or of a category) and items of a given series."""
 
     def __init__(self, item_category: np.ndarray, item_series: np.ndarray, popularity: np.ndarray):
         order = np.argsort(item_category, kind="stable")
@@ -113,6 +131,9 @@ class _ItemSampler:
         series_order = np.argsort(item_series, kind="stable")
         self.items_by_series = series_order
         self.series_start = np.searchsorted(item_series[series_order], np.arange(item_series.max() + 2))
+        self.series_position = np.empty_like(series_order)
+        self.series_position[series_order] = np.arange(len(series_order))
+        self.item_category, self.item_series = item_category, item_series
 
     def from_categories(self, categories: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One popularity-weighted item per entry of `categories`."""
@@ -122,22 +143,38 @@ class _ItemSampler:
         position = np.searchsorted(self.cumulative, low + rng.random(len(categories)) * (high - low), side="right")
         return self.items_by_category[np.clip(position, start, end - 1)]
 
-    def from_series(self, series: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One uniformly drawn item per entry of `series`."""
-        start, end = self.series_start[series], self.series_start[series + 1]
-        return self.items_by_series[start + (rng.random(len(series)) * (end - start)).astype(np.int64)]
+    def popular(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """`count` popularity-weighted items of the whole catalogue."""
+        position = np.searchsorted(self.cumulative, rng.random(count) * self.cumulative[-1], side="right")
+        return self.items_by_category[np.minimum(position, len(self.cumulative) - 1)]
+
+    def same_series(self, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Per entry of `items`, another item of its series, uniformly drawn."""
+        series = self.item_series[items]
+        start, length = self.series_start[series], self.series_start[series + 1] - self.series_start[series]
+        offset = self.series_position[items] - start + 1 + (rng.random(len(items)) * (length - 1)).astype(np.int64)
+        return self.items_by_series[start + offset % length]
+
+    def distinct_per_user(self, user: np.ndarray, items: np.ndarray, rng: np.random.Generator, rounds: int = 8) -> None:
+        """Redraws an item a user already had uniformly from its category, a few rounds (a category may run out)."""
+        for _ in range(rounds):
+            order = np.argsort(user * len(self.item_category) + items, kind="stable")
+            again = order[1:][(user[order[1:]] == user[order[:-1]]) & (items[order[1:]] == items[order[:-1]])]
+            if not len(again):
+                return
+            start, end = (self.category_start[self.item_category[items[again]] + k] for k in (0, 1))
+            items[again] = self.items_by_category[start + (rng.random(len(again)) * (end - start)).astype(np.int64)]
 
 
-def _user_histories(spec: SyntheticSpec, rng: np.random.Generator, sampler: _ItemSampler,
-                    item_series: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(user index, item index) of every review, each user's reviews in time order."""
+def _user_histories(spec: SyntheticSpec, rng: np.random.Generator, sampler: _ItemSampler, category_weights: np.ndarray, num_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user index, item index) of every review of `num_users` users, each user's reviews in time order."""
     low, high = spec.interests_per_user
     counts = np.clip(spec.min_reviews + rng.geometric(1.0 / (spec.mean_reviews - spec.min_reviews + 1),
-                                                      spec.num_users) - 1, spec.min_reviews, spec.max_reviews)
-    num_interests = rng.integers(low, high + 1, spec.num_users)
-    # Distinct interests per user; slot 0 is the dominant one, slots 1..num_interests-1 the minor ones.
-    interests = _distinct_rows(rng, spec.num_users, high, spec.num_categories)
-    user = np.repeat(np.arange(spec.num_users), counts)
+                                                      num_users) - 1, spec.min_reviews, spec.max_reviews)
+    num_interests = rng.integers(low, high + 1, num_users)
+    # Distinct interests per user, popular categories more often; slot 0 is the dominant one.
+    interests = _distinct_rows(rng, num_users, high, np.cumsum(category_weights))
+    user = np.repeat(np.arange(num_users), counts)
     first = np.cumsum(counts) - counts
     position = np.arange(len(user)) - first[user]
     is_last = position == counts[user] - 1
@@ -149,20 +186,41 @@ def _user_histories(spec: SyntheticSpec, rng: np.random.Generator, sampler: _Ite
     mentioned = (rank < minors * spec.minor_mentions) & ~is_last
     minor_slot = 1 + (rng.random(len(user)) * minors).astype(np.int64)
     slot = np.where(mentioned, 1 + rank % np.maximum(minors, 1), 0)
-    last_from_minor = rng.random(spec.num_users) < spec.minor_last_prob
+    last_from_minor = rng.random(num_users) < spec.minor_last_prob
     slot[is_last] = np.where(last_from_minor, minor_slot[is_last], 0)
     items = sampler.from_categories(interests[user, slot], rng)
+    _continue_series(spec, rng, sampler, user, slot, is_last, last_from_minor, items)
 
-    # A minor-interest last review usually continues a series the user already read in that interest.
-    last_index = np.flatnonzero(is_last)
-    continue_series = last_from_minor & (rng.random(spec.num_users) < spec.same_series_prob)
-    for u in np.flatnonzero(continue_series):
-        lo, hi = first[u], last_index[u]
-        earlier = np.flatnonzero(slot[lo:hi] == slot[hi])
-        if len(earlier):
-            series = item_series[items[lo + earlier[rng.integers(len(earlier))]]]
-            items[hi] = sampler.from_series(np.array([series]), rng)[0]
+    # Exploration: any review, the last included, may be a popular item of any category. Then each
+    # user's items are made distinct, and `repeat_prob` of the reviews repeat one on purpose.
+    explore = rng.random(len(user)) < spec.explore_prob
+    items[explore] = sampler.popular(int(explore.sum()), rng)
+    sampler.distinct_per_user(user, items, rng)
+    _repeat_earlier(rng.random(len(user)) < spec.repeat_prob, position, items, rng)
     return user, items
+
+
+def _continue_series(spec: SyntheticSpec, rng: np.random.Generator, sampler: _ItemSampler, user: np.ndarray, slot: np.ndarray, is_last: np.ndarray, last_from_minor: np.ndarray,
+                     items: np.ndarray) -> None:
+    """A minor-interest last review usually continues a series the user already read in that interest."""
+    last_index = np.flatnonzero(is_last)
+    continuing = last_from_minor & (rng.random(len(last_index)) < spec.same_series_prob)
+    candidate = ~is_last & continuing[user] & (slot == slot[last_index][user])
+    keys = np.where(candidate, rng.random(len(user)), -1.0)  # a random earlier review of the interest per user
+    pick = np.lexsort((keys, user))[last_index]  # each user's largest key: users are contiguous
+    found = keys[pick] >= 0
+    items[last_index[found]] = sampler.same_series(items[pick[found]], rng)
+
+
+def _repeat_earlier(repeat: np.ndarray, position: np.ndarray, items: np.ndarray, rng: np.random.Generator) -> None:
+    """Each review marked `repeat` (but a user's first) takes the item of a uniformly drawn earlier review."""
+    rows = np.flatnonzero(repeat & (position > 0))
+    source = np.full(len(items), -1)
+    source[rows] = rows - 1 - (rng.random(len(rows)) * position[rows]).astype(np.int64)
+    root = source[rows]
+    while (chained := source[root] >= 0).any():  # the source repeats too: follow it to an original review
+        root[chained] = source[root[chained]]
+    items[rows] = items[root]
 
 
 def _rank_within_user(user: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -174,15 +232,19 @@ def _rank_within_user(user: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _distinct_rows(rng: np.random.Generator, rows: int, width: int, upper: int) -> np.ndarray:
-    """`rows` rows of `width` distinct integers in [0, upper), vectorised by redrawing collisions."""
-    draws = rng.integers(0, upper, (rows, width))
+def _distinct_rows(rng: np.random.Generator, rows: int, width: int, cumulative: np.ndarray) -> np.ndarray:
+    """`rows` rows of `width` distinct indices of `cumulative` (weights' cumsum), drawn by weight, collisions redrawn."""
+    def draw(shape):
+        return np.minimum(np.searchsorted(cumulative, rng.random(shape) * cumulative[-1], side="right"),
+                          len(cumulative) - 1)
+
+    draws = draw((rows, width))
     while True:
         ordered = np.sort(draws, axis=1)
         duplicate_rows = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
         if len(duplicate_rows) == 0:
             return draws
-        draws[duplicate_rows] = rng.integers(0, upper, (len(duplicate_rows), width))
+        draws[duplicate_rows] = draw((len(duplicate_rows), width))
 
 
 def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), seed: int = 0, *,
@@ -199,9 +261,8 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), 
     if extra_meta_items < 0 or text_bytes < 0:
         raise ValueError(f"extra_meta_items ({extra_meta_items}) and text_bytes ({text_bytes}) must be >= 0")
     rng = np.random.default_rng(seed)
-    item_category, item_series, popularity = _catalogue(spec, rng)
-    sampler = _ItemSampler(item_category, item_series, popularity)
-    user, items = _user_histories(spec, rng, sampler, item_series)
+    sampler, category_weights = _catalogue(spec, rng)
+    user, items = _user_histories(spec, rng, sampler, category_weights, spec.num_users)
 
     num_meta = spec.num_items + extra_meta_items
     asins = _codes(b"B", np.arange(num_meta), 9, salt=seed)
@@ -218,8 +279,8 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), 
 
     # Drawn from their own generator, so the data above does not depend on these options.
     extra_rng = np.random.default_rng([seed, 1])
-    meta_category = np.concatenate([item_category, extra_rng.integers(0, spec.num_categories, extra_meta_items)])
-    texts = _Texts(extra_rng) if text_bytes else None
+    meta_category = np.concatenate([sampler.item_category, extra_rng.integers(0, spec.num_categories, extra_meta_items)])
+    texts = review_text.Texts(extra_rng) if text_bytes else None
 
     # Real files are not grouped by user: write reviews in item order, as McAuley's dumps are.
     order = np.lexsort((times, items))
@@ -247,7 +308,7 @@ def generate(out_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), 
             return "".join([
                 "{'asin': '%s', 'title': 'Item %d', 'price': %.2f, 'categories': [['Books', '%s']]}\n"
                 % (asins[i], i, 5 + (i % 50), category_names[meta_category[i]]) for i in numbers])
-        return "".join([_rich_meta_line(asins, i, category_names[meta_category[i]], description)
+        return "".join([review_text.rich_meta_line(asins, i, category_names[meta_category[i]], description)
                         for i, description in zip(numbers, texts.pieces(len(numbers), text_bytes, python=True))])
 
     _write_gzip(reviews_path, review_lines, len(order))
@@ -271,52 +332,14 @@ def _write_gzip(path: str, lines, count: int) -> None:
             f.write(member.result())
 
 
-class _Texts:
-    """Review and description texts: runs of pseudo-words, a few with quotes and accents."""
-
-    def __init__(self, rng: np.random.Generator, words: int = 4_000, pool_words: int = 400_000):
-        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
-        lengths = rng.integers(1, 10, words)
-        vocabulary = [letters[rng.integers(0, 26, n)].tobytes().decode() for n in lengths.tolist()]
-        vocabulary[:4] = ["it's", 'a "quoted" one', "caf\\u00e9", "well,"]
-        drawn = rng.zipf(1.3, pool_words) % words
-        self.json_pool = " ".join(vocabulary[w].replace('"', '\\"') for w in drawn.tolist()) + " "
-        self.python_pool = " ".join(vocabulary[w].replace("'", "\\'").replace("\\u00e9", "\\xe9")
-                                    for w in drawn.tolist()) + " "
-        self.json_starts = _word_starts(self.json_pool)
-        self.python_starts = _word_starts(self.python_pool)
-        self.rng = rng
-
-    def pieces(self, count: int, mean_bytes: int, python: bool = False) -> list[str]:
-        """`count` texts of whole words, lengths exponential around `mean_bytes`, JSON- or Python-escaped."""
-        pool, starts = (self.python_pool, self.python_starts) if python else (self.json_pool, self.json_starts)
-        lengths = np.minimum(self.rng.exponential(mean_bytes, count).astype(np.int64) + 1, len(pool) // 2)
-        begin = starts[self.rng.integers(0, np.searchsorted(starts, len(pool) // 2), count)]
-        end = starts[np.searchsorted(starts, begin + lengths)] - 1  # the space before the next word
-        return [pool[b:e] for b, e in zip(begin.tolist(), end.tolist())]
-
-
-def _word_starts(pool: str) -> np.ndarray:
-    """Offsets of the words of a space-separated pool."""
-    spaces = np.flatnonzero(np.frombuffer(pool.encode(), dtype=np.uint8) == ord(" "))
-    return np.r_[0, spaces + 1]
-
-
-def _rich_meta_line(asins: list[str], item: int, category: str, description: str) -> str:
-    """A meta line shaped like the real ones: related items, sales rank, categories before or after the text."""
-    related = ", ".join("'%s'" % asins[(item * 7919 + k * 104_729) % len(asins)] for k in range(1 + item % 40))
-    categories = "'categories': [['Books', '%s']]" % category
-    head, tail = (categories + ", ", "") if item % 2 else ("", ", " + categories)
-    return ("{'asin': '%s', %s'related': {'also_bought': [%s]}, 'title': 'Item %d', 'price': %.2f, "
-            "'salesRank': {'Books': %d}, 'description': '%s'%s}\n"
-            % (asins[item], head, related, item, 5 + (item % 50), 1 + item * 31 % 1_000_000, description, tail))
-
-
 def _define_flags() -> None:
-    """One flag per SyntheticSpec field plus --out_dir and --seed; defined only when run as a program."""
+    """One flag per SyntheticSpec field plus the output's; defined only when run as a program."""
     from absl import flags
 
-    flags.DEFINE_string("out_dir", None, "Directory for the raw review and meta files.", required=True)
+    flags.DEFINE_string("out_dir", None, "Directory for the raw files.", required=True)
+    flags.DEFINE_enum("format", "amazon", ["amazon", "taobao"],
+                      "amazon: McAuley review + meta files; taobao: a UserBehavior.csv (input_pipeline.behavior_log).")
+    flags.DEFINE_integer("rows", 100_150_807, "taobao: about this many rows, at Taobao's shape (the default: its size).")
     flags.DEFINE_integer("seed", 0, "Generator seed: the same spec and seed give the same bytes.")
     flags.DEFINE_integer("extra_meta_items", 0, "Meta lines of unreviewed items (Books: 2.3M meta, 368k reviewed).")
     flags.DEFINE_integer("text_bytes", 0, "Mean reviewText / description length, for real file sizes (0: short texts).")
@@ -330,23 +353,34 @@ def _define_flags() -> None:
             flags.DEFINE_integer(field.name, default, f"SyntheticSpec.{field.name}.")
 
 
+def _write(args) -> str:
+    """Writes the files the flags ask for; returns what was written, in words."""
+    from input_pipeline import behavior_log
+
+    values = {f.name: args[f.name].value for f in dataclasses.fields(SyntheticSpec)}
+    values["interests_per_user"] = tuple(int(v) for v in values["interests_per_user"])
+    if args.format == "amazon":
+        paths = generate(args.out_dir, SyntheticSpec(**values), args.seed,
+                         extra_meta_items=args.extra_meta_items, text_bytes=args.text_bytes)
+        return f"{paths[0]} and {paths[1]}"
+    given = {name: value for name, value in values.items() if args[name].present}  # the rest: Taobao's shape
+    spec = behavior_log.taobao_spec(args.rows, **given)
+    return f"{behavior_log.write_taobao(args.out_dir, spec, args.seed)} ({spec.num_users:,} users)"
+
+
 def main(argv: list[str]) -> None:
-    """Writes reviews_Synthetic_5.json.gz and meta_Synthetic.json.gz into --out_dir."""
+    """Writes reviews_Synthetic_5.json.gz and meta_Synthetic.json.gz, or UserBehavior.csv, into --out_dir."""
     from absl import app, flags
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    values = {f.name: getattr(flags.FLAGS, f.name) for f in dataclasses.fields(SyntheticSpec)}
-    values["interests_per_user"] = tuple(int(v) for v in values["interests_per_user"])
     try:
-        spec = SyntheticSpec(**values)
         start = time_module.perf_counter()
-        paths = generate(flags.FLAGS.out_dir, spec, flags.FLAGS.seed,
-                         extra_meta_items=flags.FLAGS.extra_meta_items, text_bytes=flags.FLAGS.text_bytes)
+        written = _write(flags.FLAGS)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"wrote {paths[0]} and {paths[1]} in {time_module.perf_counter() - start:.1f} s")
+    print(f"wrote {written} in {time_module.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

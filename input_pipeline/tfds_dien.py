@@ -14,10 +14,12 @@ example's ids equal the training arrays row by row, and that directory trains as
 (`--config.dataset=dien --config.data_dir=...`).
 
 Configs: `books` and `electronics` read the raw McAuley 2014 files from the manual dir (see
-MANUAL_DOWNLOAD_INSTRUCTIONS); `synthetic` generates a small built-in data set in seconds. Another
-size is a config away: `DinAmazonConfig(name=..., spec=SyntheticSpec(num_users=100_000))`.
-Examples keep the order of the sample files (shuffling disabled); example i of a split is line i + 1
-of `local_train_splitByUser` / `local_test_splitByUser`. Needs `tensorflow-datasets` and
+MANUAL_DOWNLOAD_INSTRUCTIONS); `synthetic` generates a small built-in data set in seconds, and
+`synthetic_every_event` prepares it with a pair per event (`samples='every_event'`, the
+`input_pipeline.events` storage). Another size or mode is a config away:
+`DinAmazonConfig(name=..., spec=SyntheticSpec(num_users=100_000), samples='every_event')`.
+Examples keep the order of the samples (shuffling disabled); example i of a split is sample i, line i + 1
+of `local_train_splitByUser` / `local_test_splitByUser` (or `python -m input_pipeline.inspect` line i + 1). Needs `tensorflow-datasets` and
 `array-record`, not TensorFlow.
 
     import input_pipeline.tfds_dien  # registers din_amazon
@@ -33,9 +35,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from input_pipeline import amazon, datasets, dien, synthetic
+from input_pipeline import amazon, datasets, dien, inspect, synthetic
 from input_pipeline.errors import bad_file
-from input_pipeline.textio import open_lines
 
 SPLITS = ("train", "test")
 RAW_URL = "https://jmcauley.ucsd.edu/data/amazon/"
@@ -51,6 +52,7 @@ class DinAmazonConfig(tfds.core.BuilderConfig):
     spec: synthetic.SyntheticSpec | None = None  # the generator's sizes; None for manual files
     seed: int = 0  # generator seed (synthetic only)
     prepare_seed: int = 3  # amazon.prepare seed: negative sampling and train/test split
+    samples: str = "last_event"  # amazon.prepare's sample mode: DIEN's pair per user, or a pair per event
 
     def raw_files(self) -> tuple[str, str]:
         """The review and meta file names expected in the manual dir."""
@@ -72,6 +74,8 @@ class DinAmazon(tfds.core.GeneratorBasedBuilder):
                         description="Amazon 2014 Electronics 5-core reviews + meta."),
         DinAmazonConfig(name="synthetic", spec=SMALL_SYNTHETIC,
                         description="Small built-in Amazon-like data (input_pipeline.synthetic); no downloads."),
+        DinAmazonConfig(name="synthetic_every_event", spec=SMALL_SYNTHETIC, samples="every_event",
+                        description="The small built-in data with a sample pair per event (input_pipeline.events)."),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     The `books` and `electronics` configs need the Amazon review data of McAuley et al. (2014),
@@ -118,40 +122,33 @@ class DinAmazon(tfds.core.GeneratorBasedBuilder):
         out_dir = os.fspath(dl_manager.download_dir / PREPARED_DIR / self.builder_config.name)
         config = self.builder_config
         if config.spec is not None:
-            datasets.builtin_data_dir(out_dir, config.spec, config.seed, config.prepare_seed)
+            datasets.builtin_data_dir(out_dir, config.spec, config.seed, config.prepare_seed, config.samples)
         else:
             reviews, meta = (_manual_file(dl_manager.manual_dir, name) for name in config.raw_files())
-            amazon.prepare(reviews, meta, out_dir, seed=config.prepare_seed)
+            amazon.prepare(reviews, meta, out_dir, seed=config.prepare_seed, samples=config.samples)
         vocabs = dien.load_vocabularies(out_dir)
         return {split: self._generate_examples(out_dir, split, vocabs) for split in SPLITS}
 
     def _generate_examples(self, data_dir: str, split: str,
                            vocabs: dien.Vocabularies) -> Iterator[tuple[int, dict]]:
-        """(line index, example) per sample line: tokens from the file, ids from `dien.load_split`."""
+        """(sample index, example) per sample, in any stored format: tokens from `inspect.samples`, ids from
+        `dien.load_split`."""
         encoded = dien.load_split(data_dir, split, vocabs)
-        offsets = encoded.hist_offsets
-        with open_lines(dien.sample_path(data_dir, split)) as lines:
-            for index, (_, line) in zip(range(len(encoded)), lines):
-                _, uid, mid, cat, hist_mids, hist_cats = line.decode("utf-8").split("\t")
-                history = slice(offsets[index], offsets[index + 1])
-                yield index, {
-                    "label": int(encoded.label[index]),
-                    "uid": uid,
-                    "mid": mid,
-                    "cat": cat,
-                    "hist_mids": _entries(hist_mids),
-                    "hist_cats": _entries(hist_cats),
-                    "uid_id": int(encoded.uid[index]),
-                    "mid_id": int(encoded.mid[index]),
-                    "cat_id": int(encoded.cat[index]),
-                    "hist_mid_ids": encoded.hist_mids[history].astype(np.int64),
-                    "hist_cat_ids": encoded.hist_cats[history].astype(np.int64),
-                }
-
-
-def _entries(field: str) -> list[str]:
-    """The history entries of one sample-file field, oldest first; an empty field has none."""
-    return field.split(dien.HISTORY_SEPARATOR.decode()) if field else []
+        for index, sample in inspect.samples(data_dir, split):
+            history = slice(encoded.hist_start[index], encoded.hist_start[index] + encoded.hist_lengths[index])
+            yield index, {
+                "label": sample.label,
+                "uid": sample.uid,
+                "mid": sample.mid,
+                "cat": sample.cat,
+                "hist_mids": sample.hist_mids,
+                "hist_cats": sample.hist_cats,
+                "uid_id": int(encoded.uid[index]),
+                "mid_id": int(encoded.mid[index]),
+                "cat_id": int(encoded.cat[index]),
+                "hist_mid_ids": encoded.hist_mids[history].astype(np.int64),
+                "hist_cat_ids": encoded.hist_cats[history].astype(np.int64),
+            }
 
 
 def _manual_file(manual_dir, name: str) -> str:

@@ -423,6 +423,8 @@ def test_cli_warns_when_a_skipped_truncation_leaves_the_test_split_empty(tmp_pat
     assert err.splitlines() == [
         f"warning: truncated input: {reviews} (after line 6) - the rest of its gzip stream is missing or corrupt "
         f"and was not read ({counts}); fetch the file again for the whole data set.",
+        f"warning: skipped 1 malformed lines ({counts}); rerun with --on_bad_line=error to see the first one with "
+        "its line number.",
         f"warning: the test split is empty ({counts}); python -m din_jax.main loads it even with "
         "--config.no_eval=true and stops there - prepare again from complete raw files, or with more users or a "
         "larger --test_fraction."]

@@ -16,12 +16,12 @@ def make_split(lengths: list[int]) -> EncodedSplit:
     n = len(lengths)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     hist_mids = np.concatenate([1000 * i + np.arange(1, k + 1) for i, k in enumerate(lengths)]).astype(np.int32)
-    return EncodedSplit(
+    return EncodedSplit.from_offsets(
+        offsets,
         label=(np.arange(n) % 2).astype(np.float32),
         uid=np.arange(1, n + 1, dtype=np.int32),
         mid=np.arange(101, n + 101, dtype=np.int32),
         cat=np.arange(201, n + 201, dtype=np.int32),
-        hist_offsets=offsets,
         hist_mids=hist_mids,
         hist_cats=hist_mids + 500,
         user=(np.arange(n) // 2).astype(np.int32),
@@ -98,7 +98,7 @@ def test_train_batches_rows_carry_their_own_history():
     for batch in batches.train_batches(LARGE, 4, 5, seed=3, epoch=1):
         for row in np.flatnonzero(batch["weight"]):
             i = batch["uid"][row] - 1
-            history = LARGE.hist_mids[LARGE.hist_offsets[i]:LARGE.hist_offsets[i + 1]][:5]
+            history = LARGE.hist_mids[LARGE.hist_start[i]:][:LARGE.hist_lengths[i]][:5]
             np.testing.assert_array_equal(batch["hist_mids"][row, :len(history)], history)
             assert batch["hist_mask"][row].sum() == len(history)
             assert batch["mid"][row] == LARGE.mid[i] and batch["label"][row] == LARGE.label[i]

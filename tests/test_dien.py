@@ -69,14 +69,14 @@ def test_four_line_file_encodes_exactly(tmp_path):
     np.testing.assert_array_equal(split.uid, [1, 2, 0, 1])
     np.testing.assert_array_equal(split.mid, [1, 0, 3, 2])
     np.testing.assert_array_equal(split.cat, [1, 2, 1, 2])
-    np.testing.assert_array_equal(split.hist_offsets, [0, 2, 2, 3, 6])
+    np.testing.assert_array_equal(split.hist_start, [0, 2, 2, 3])
     np.testing.assert_array_equal(split.hist_mids, [2, 3, 1, 3, 0, 1])
     np.testing.assert_array_equal(split.hist_cats, [2, 1, 1, 1, 2, 0])
     np.testing.assert_array_equal(split.hist_lengths, [2, 0, 1, 3])
     np.testing.assert_array_equal(split.user, [0, 1, 2, 0])
     dtypes = {name: getattr(split, name).dtype for name in dien.COLUMNS}
     assert dtypes == {"label": np.float32, "uid": np.int32, "mid": np.int32, "cat": np.int32,
-                      "hist_offsets": np.int64, "hist_mids": np.int32, "hist_cats": np.int32,
+                      "hist_start": np.int64, "hist_lengths": np.int32, "hist_mids": np.int32, "hist_cats": np.int32,
                       "user": np.int32}
     assert split.hist_lengths.dtype == np.int32
 
@@ -103,7 +103,8 @@ def test_all_histories_empty(tmp_path):
     directory = prepared_dir(tmp_path, b"1\tu1\tm1\tc1\t\t\n0\tu2\tm2\tc2\t\t\n")
     for _ in range(2):  # encoded, then from the cache of zero-length columns
         split = load(directory)
-        np.testing.assert_array_equal(split.hist_offsets, [0, 0, 0])
+        np.testing.assert_array_equal(split.hist_start, [0, 0])
+        np.testing.assert_array_equal(split.hist_lengths, [0, 0])
         assert split.hist_mids.shape == (0,) and split.hist_cats.shape == (0,)
 
 
@@ -151,7 +152,7 @@ def test_real_crlf_fragment_matches_line_by_line_reading(tmp_path, shared_data):
     np.testing.assert_array_equal(split.hist_cats, np.concatenate(expected["hist_cats"]))
     # Every token is in the vocabulary, so a '\r' left on the last field would show up as a 0.
     assert split.hist_cats.min() > 0 and split.mid.min() > 0
-    assert vocabs.cat["Books"] in split.hist_cats[split.hist_offsets[1:] - 1]
+    assert vocabs.cat["Books"] in split.hist_cats[split.hist_start + split.hist_lengths - 1]
 
 
 # ---------------------------------------------------------------------------------------------
