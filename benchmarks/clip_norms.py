@@ -29,10 +29,10 @@ TABLES = {"mid": ("mid", "hist_mids", slice(0, 18)), "cat": ("cat", "hist_cats",
 def norms(model: DIN, params, batch) -> dict[str, tuple[float, float]]:
     """Per table: (norm over lookups, norm of the rows with duplicates summed) of the loss gradient."""
     embedded = model.apply({"params": params}, batch, method=DIN.embed)
-    floats = {k: v for k, v in embedded.items() if k != "segment"}
+    floats = {k: v for k, v in embedded.items() if k in ("uid", "item", "keys")}
 
     def loss(e):
-        logits, _ = model.apply({"params": params}, {**e, "segment": embedded["segment"]}, batch["weight"],
+        logits, _ = model.apply({"params": params}, {**embedded, **e}, batch["weight"],
                                 method=DIN.from_embedded)
         return train.weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"])
 

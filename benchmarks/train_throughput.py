@@ -1,29 +1,34 @@
 """din_jax against the same DIN in PyTorch and TensorFlow 2: train throughput, first step, peak RSS and test AUC.
 
-  python benchmarks/train_throughput.py [--frameworks=din_jax,torch,tf] [--batch_sizes=512,2048] [--steps=200]
+  python benchmarks/train_throughput.py [--frameworks=din_jax,torch,tf] [--histories=books,long]
+      [--batch_sizes=512] [--steps=200] [--repeats=3]
 
-The defaults take about 10 minutes on 2 cores.
+The defaults take about 15 minutes on 2 cores.
 
 Each measurement runs in its own process (benchmarks/peers/worker.py), so peak RSS is one framework's:
 din_jax in this interpreter, the peers in --peer_python (default .venv-bench, see pyproject's `bench`
-extra). Throughput: Books-shaped batches (benchmarks/books_shaped.py: Books' vocabulary sizes, item
-popularity and history lengths), a ring of --distinct_batches built before timing; samples/s over
---steps steps after the first, ending on a finished step. First step: model build, initialisation,
-tracing/compilation and the first step. AUC: one epoch of the built-in data (configs/default.py, prepared
-the DIEN way) at --auc_batch_size, every framework on the same batches (histories padded to 50), test AUC
-with din_jax.metrics.roc_auc. Prints one markdown table; `din_jax / peer` is the samples/s of din_jax
-(lazy tables) or din_jax_dense (all rows), whichever updates tables as the row does, over the row's.
+extra). Throughput: Books-shaped batches (benchmarks/books_shaped.py: Books' vocabulary sizes and item
+popularity) with two history shapes: 'books' (Books' short histories, mean ~14: packing sends a quarter of
+the padded positions) and 'long' (like real behaviour logs, mean 154, 65% past 50: ~84% of the padded
+positions are real); a ring of --distinct_batches built before timing; samples/s over --steps steps after
+the first, ending on a finished step. The frameworks run one after the other, --repeats times in turn, and
+each cell is the median: on a shared machine compare only numbers of one run. First step: model build,
+initialisation, tracing/compilation and the first step. AUC: one epoch of the built-in data
+(configs/default.py, prepared the DIEN way) at --auc_batch_size, every framework on the same batches
+(histories padded to 50), test AUC with din_jax.metrics.roc_auc. Prints one markdown table; `din_jax / row`
+is din_jax's (default config) samples/s over the row's, within a run.
 
 Frameworks and how they update embedding tables ('lazy': only touched rows, moments included - LazyAdam;
 'all rows': TF1 Adam, DeepRec's rule, every row decays and moves each step):
-  din_jax        configs/default.py: row-sparse updates, lazy Adam on tables, history
-                 packed (attention only over real positions)                          lazy
-  din_jax_dense  the same with sparse_embeddings=False: TF1 Adam on whole tables       all rows
-  din_jax_padded the default with pack_granularity=0: all 50 positions, as the peers   lazy
-  torch          nn.Embedding(sparse=True), SparseAdam on tables, TF1 Adam elsewhere   lazy
-  torch_tf1adam  nn.Embedding(sparse=True), TF1 Adam's sparse rule on tables           all rows
-  torch_dense    nn.Embedding(), table-sized gradients, TF1 Adam                      all rows
-  tf / tf_xla    tf.function (jit_compile=False / True), tf.compat.v1 AdamOptimizer   all rows
+  din_jax        configs/default.py: row-sparse updates, TF1 Adam on tables (untouched rows
+                 caught up in closed form), history packed (attention over real positions)  all rows
+  din_jax_lazy   the same with optimizer=lazyadam (the PyTorch port's rule)                lazy
+  din_jax_dense  the same with sparse_embeddings=False: TF1 Adam on whole tables           all rows
+  din_jax_padded the default with pack_granularity=0: all 50 positions, as the peers       all rows
+  torch          nn.Embedding(sparse=True), SparseAdam on tables, TF1 Adam elsewhere       lazy
+  torch_tf1adam  nn.Embedding(sparse=True), TF1 Adam's sparse rule on tables               all rows
+  torch_dense    nn.Embedding(), table-sized gradients, TF1 Adam                          all rows
+  tf / tf_xla    tf.function (jit_compile=False / True), tf.compat.v1 AdamOptimizer       all rows
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ from din_jax.metrics import roc_auc  # noqa: E402
 
 _BENCH_PYTHON = os.path.join(_REPO, ".venv-bench", "bin", "python")
 
-flags.DEFINE_list("frameworks", ["din_jax", "din_jax_padded", "din_jax_dense", "torch", "tf"],
-                  f"Any of {', '.join(FRAMEWORKS)}.")
-flags.DEFINE_list("batch_sizes", ["512", "2048"], "Batch sizes of the throughput runs.")
+flags.DEFINE_list("frameworks", ["din_jax", "din_jax_lazy", "din_jax_padded", "torch", "tf"],
+                  f"Any of {', '.join(FRAMEWORKS)}; din_jax is always measured (the ratios' reference).")
+flags.DEFINE_list("histories", list(books_shaped.HISTORY_SHAPES), "History shapes of the throughput runs.")
+flags.DEFINE_list("batch_sizes", ["512"], "Batch sizes of the throughput runs.")
+flags.DEFINE_integer("repeats", 3, "Throughput runs of every framework, in turn; cells are medians.")
 flags.DEFINE_integer("steps", 200, "Timed train steps per throughput run (after the first step).")
 flags.DEFINE_integer("distinct_batches", 16, "Books-shaped batches built before timing and cycled.")
 flags.DEFINE_bool("auc", True, "Also train one epoch of the built-in data and compare test AUC.")
@@ -134,25 +141,52 @@ def _cell(value, fmt: str) -> str:
 def table(rows: list[dict]) -> str:
     """The markdown table of all runs.
 
-    `din_jax / peer` is the samples/s of din_jax (lazy tables) or din_jax_dense (all rows) over the row's,
-    within a run and table update rule; `other load` is the cores other
-    processes kept busy during the measurement (anything well above 0 makes that row's timings unreliable).
+    `din_jax / row` is the samples/s of din_jax (configs/default.py) over the row's, within a run; `other load`
+    is the cores other processes kept busy during the measurement (anything well above 0 makes that row's
+    timings unreliable).
     """
-    lines = ["| run | framework | tables | samples/s | din_jax / peer | first step s | import s | peak RSS MiB | "
+    lines = ["| run | framework | tables | samples/s | din_jax / row | first step s | import s | peak RSS MiB | "
              "test AUC | other load |", "|---|---|---|---|---|---|---|---|---|---|"]
-    reference = {(row["run"], FRAMEWORKS[row["framework"]]): row.get("samples_per_sec")
-                 for row in rows if row["framework"] in ("din_jax", "din_jax_dense")}
+    reference = {row["run"]: row.get("samples_per_sec") for row in rows if row["framework"] == "din_jax"}
     for row in rows:
         rule = FRAMEWORKS[row["framework"]]
         if "error" in row:
             lines.append(f"| {row['run']} | {row['framework']} | {rule} | error: {row['error']} | | | | | | |")
             continue
-        rate, ours = row["samples_per_sec"], reference.get((row["run"], rule))
+        rate, ours = row["samples_per_sec"], reference.get(row["run"])
         ratio = ours / rate if ours and rate else None
         lines.append(f"| {row['run']} | {row['framework']} | {rule} | {rate:,.0f} | {_cell(ratio, '.2f')} | "
                      f"{row['first_step_seconds']:.2f} | {row['import_seconds']:.2f} | {row['peak_rss_mib']:,.0f} | "
                      f"{_cell(row.get('test_auc'), '.4f')} | {_cell(row.get('other_load'), '.2f')} |")
     return "\n".join(lines)
+
+
+def median_row(results: list[dict]) -> dict:
+    """One framework's repeated measurements as one row: the run of median samples/s (an error if any failed)."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    ordered = sorted(results, key=lambda r: r["samples_per_sec"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats": [r["samples_per_sec"] for r in results]}
+
+
+def throughput_rows(frameworks: list[str], log) -> list[dict]:
+    """Every (batch size, history shape) run of every framework, --repeats times in turn; median rows."""
+    fl = flags.FLAGS
+    rows = []
+    for batch_size in map(int, fl.batch_sizes):
+        for history in fl.histories:
+            run = f"{history} histories, batch {batch_size}, {fl.steps} steps"
+            results = {framework: [] for framework in frameworks}
+            for _ in range(fl.repeats):
+                for framework in frameworks:
+                    spec = {"task": "throughput", "batch_size": batch_size, "steps": fl.steps, "history": history,
+                            "distinct_batches": fl.distinct_batches, "seed": fl.seed, "threads": fl.threads}
+                    results[framework].append(run_worker(framework, spec))
+                    log(f"{run} {framework}: {results[framework][-1]}")
+            rows += [{"run": run, "framework": framework, **median_row(results[framework])}
+                     for framework in frameworks]
+    return rows
 
 
 def main(argv: list[str]) -> None:
@@ -161,19 +195,20 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(fl.frameworks) - set(FRAMEWORKS))
     if unknown:
         raise app.UsageError(f"--frameworks: unknown {unknown}; choose from {', '.join(FRAMEWORKS)}")
-    rows = []
+    unknown = sorted(set(fl.histories) - set(books_shaped.HISTORY_SHAPES))
+    if unknown:
+        raise app.UsageError(f"--histories: unknown {unknown}; choose from {', '.join(books_shaped.HISTORY_SHAPES)}")
+    frameworks = ["din_jax"] + [f for f in fl.frameworks if f != "din_jax"]
     start = time.perf_counter()
-    for batch_size in map(int, fl.batch_sizes):
-        for framework in fl.frameworks:
-            spec = {"task": "throughput", "batch_size": batch_size, "steps": fl.steps,
-                    "distinct_batches": fl.distinct_batches, "seed": fl.seed, "threads": fl.threads}
-            result = run_worker(framework, spec)
-            rows.append({"run": f"Books-shaped, batch {batch_size}, {fl.steps} steps", "framework": framework,
-                         **result})
-            print(f"[{time.perf_counter() - start:6.0f} s] {rows[-1]}", file=sys.stderr, flush=True)
+
+    def log(line: str) -> None:
+        """A progress line on stderr, with the seconds since the start."""
+        print(f"[{time.perf_counter() - start:6.0f} s] {line}", file=sys.stderr, flush=True)
+
+    rows = throughput_rows(frameworks, log)
     if fl.auc:
         data_dir = books_shaped.prepare_learnable(fl.data_dir, num_users=fl.num_users)
-        for framework in fl.frameworks:
+        for framework in frameworks:
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "probs.npz")
                 spec = {"task": "auc", "batch_size": fl.auc_batch_size, "data_dir": data_dir, "out": out,
@@ -183,7 +218,7 @@ def main(argv: list[str]) -> None:
                     result["test_auc"] = test_auc(out)
             rows.append({"run": f"built-in data ({fl.num_users:,} users), 1 epoch, batch {fl.auc_batch_size}",
                          "framework": framework, **result})
-            print(f"[{time.perf_counter() - start:6.0f} s] {rows[-1]}", file=sys.stderr, flush=True)
+            log(rows[-1])
     print(table(rows))
     if fl.out:
         with open(fl.out, "w") as f:

@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.synthetic.seed = 0
     config.prepare_seed = 3         # seed of the DIEN preparation (negative sampling, train/test split)
     config.max_seq_length = 50      # DeepRec truncates histories to 50 entries
-    config.history_keep = "first"   # 'first' (oldest 50, DeepRec) or 'last' (newest 50)
+    config.history_keep = "auto"    # 'first' (oldest 50, DeepRec) or 'last' (newest 50); 'auto': the data's
+    # default, 'first' for DIEN sample files and 'last' for every-event data (input_pipeline.events)
     # Length bucketing: batches grouped by history length and padded to the first boundary that fits
     # (masked padding: same math per example, less work). () pads every batch to max_seq_length.
     config.bucket_boundaries = ()
@@ -57,9 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.adagrad_decay_rate = 0.9       # adagraddecay: accumulator_decay_rate
     config.clip_norm = 5.0          # per-tensor tf.clip_by_norm, as DeepRec's DIN
     config.sparse_embeddings = True # update only the embedding rows a step touches (False: whole tables)
-    # Split each embedding table's rows (and their optimizer slots) over the devices of the run, so a table
-    # larger than one device's memory trains (seed --input_layer_partitioner); needs sparse_embeddings.
+    # Split each embedding table's rows (and their optimizer slots) over the devices of the run, each lookup
+    # routed to its row's owner with all-to-all, so a table larger than one device's memory trains and a
+    # device's traffic does not grow with the device count (seed --input_layer_partitioner; din_jax/sharded_tables.py).
     config.shard_embeddings = False
+    config.shard_min_rows = 10_000  # smaller tables (categories) stay replicated under shard_embeddings
     config.micro_batch = 0          # seed --micro_batch: accumulate gradients over N slices of a batch (0/1 off)
     # Seed --workqueue: units of each epoch (one batch shard each) go to whichever process asks first, so a
     # slow reader trains fewer; every example still once per epoch. A process whose next batch is not ready

@@ -26,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 STATE_ITEM, EXTRA_ITEM = "default", "extra"
+TABLE_LAYOUT = "table_layout"  # extra array: per embedding table (model.TABLES order), the devices it is split over
 
 
 class CheckpointError(Exception):
@@ -143,16 +144,20 @@ class Checkpointer:
         restored = self.restore_latest_with_extra(state)
         return None if restored is None else restored[0]
 
-    def restore_latest_with_extra(self, state: Any, changes: Sequence[str] = ()
+    def restore_latest_with_extra(self, state: Any, changes: Sequence[str] = (),
+                                  table_layout: Mapping[str, int] | None = None
                                   ) -> tuple[Any, dict[str, np.ndarray]] | None:
         """(train state, host-side arrays saved with it) of the newest checkpoint, or None when there is none.
 
         changes: the config fields changed since the run that wrote it (config_changes), named in the error
-        when it does not fit `state`.
+        when it does not fit `state`. table_layout: per table, the devices its rows are split over (1: whole),
+        which the checkpoint must have been written with (saved in its extra arrays as TABLE_LAYOUT).
         """
         step = self.latest_step()
         if step is None:
             return None
+        if table_layout is not None:
+            self._check_table_layout(step, table_layout)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
         if os.path.isdir(os.path.join(self.directory, str(step), EXTRA_ITEM)):
@@ -167,6 +172,21 @@ class Checkpointer:
                 "--config.checkpoint_dir") from None
         extra = restored.get(EXTRA_ITEM) if EXTRA_ITEM in items else None
         return restored[STATE_ITEM], ({} if extra is None else _unpack(np.asarray(extra["npz"])))
+
+    def _check_table_layout(self, step: int, expected: Mapping[str, int]) -> None:
+        """CheckpointError naming both device counts when checkpoint `step` split its tables otherwise."""
+        stored = {name: 1 for name in expected}  # checkpoints without a layout hold whole tables
+        if os.path.isdir(os.path.join(self.directory, str(step), EXTRA_ITEM)):
+            extra = self.manager.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.PyTreeRestore()}))
+            saved = _unpack(np.asarray(extra[EXTRA_ITEM]["npz"])).get(TABLE_LAYOUT)
+            if saved is not None:
+                stored = dict(zip(expected, (int(n) for n in saved)))
+        if stored != dict(expected):
+            split = lambda layout: ", ".join(f"{k} over {n}" for k, n in layout.items() if n > 1) or "none"  # noqa: E731
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} splits its tables over {max(stored.values())} device(s) "
+                f"({split(stored)}), this run over {max(expected.values())} ({split(dict(expected))}); resume with "
+                "the device count and config.shard_embeddings it was written with, or use a new --workdir")
 
     def is_save_step(self, step: int, force: bool = False) -> bool:
         """Whether save(step, ..., force) would write (cheap: no file system access unless it would)."""

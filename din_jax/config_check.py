@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 
 _CHOICES = {
     "dataset": ("synthetic", "dien"),
-    "history_keep": ("first", "last"),
+    "history_keep": ("auto", "first", "last"),
     "optimizer": OPTIMIZERS,
     "precision": ("fp32", "mixed_bf16", "bf16"),
     "model.batch_norm": ("frozen", "batch", "none"),
@@ -31,7 +31,7 @@ _CHOICES = {
 _POSITIVE = ("prefetch_depth", "adagrad_decay_step", "batch_size", "eval_batch_size", "max_seq_length", "log_every_steps", "learning_rate", "clip_norm",
              "keep_checkpoint_max", "model.embedding_dim", "ev_filter_freq", "adaptive_hash_bucket_size",
              "adaptive_promote_freq", "dynamic_block_size", "dynamic_decay")
-_NON_NEGATIVE = ("intra", "ev_capacity", "ev_steps_to_live", "incremental_ckpt", "workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch")
+_NON_NEGATIVE = ("intra", "ev_capacity", "ev_steps_to_live", "incremental_ckpt", "workqueue_wait_ms", "pack_granularity", "steps", "save_steps", "timeline", "eval_every_steps", "micro_batch", "shard_min_rows")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):
@@ -73,6 +73,10 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
     if config.shard_embeddings and not config.sparse_embeddings:
         raise ConfigError("config.shard_embeddings=True updates the touched rows of each table shard and needs "
                           "config.sparse_embeddings=True")
+    if config.workqueue and config.shard_embeddings:
+        raise ConfigError("config.workqueue=True hands batches out at run time, so the all-to-all buckets of "
+                          "config.shard_embeddings=True cannot be sized ahead (din_jax/sharded_tables.py); turn one "
+                          "of them off")
     if config.workqueue and tuple(config.bucket_boundaries):
         raise ConfigError("config.workqueue=True hands out units of shuffled examples and does not combine with "
                           "config.bucket_boundaries (length-grouped batches); set bucket_boundaries=() "

@@ -649,7 +649,7 @@ def export_model(workdir: str, out_dir: str, overwrite: bool = False) -> str:
         encoder: Encoder | EmbeddingEncoder = Encoder(tokens)
     else:
         encoder = _embedding_encoder(trainer.host, extra, tokens, config, f"{checkpoints}/{int(state.step)}")
-    variables = _inference_variables(trainer.model, state)
+    variables = {"params": trainer.logical_params(state), "batch_stats": jax.device_get(state.batch_stats)}
     stored = jax.tree.map(_storable, variables)
     inputs = {**INPUTS, **encoder.inputs()}
     function = _export_function(trainer.model, jax.tree.map(lambda x: x.dtype, variables), stored,
@@ -754,14 +754,6 @@ def _mapping_options(mapping: ev.IdMapping, config: Any) -> dict[str, Any]:
                            decay=float(mapping.decay))
         return options
     raise ExportError(f"embedding {mapping.name!r}: kind {mapping.kind!r} cannot be exported yet")
-
-
-def _inference_variables(model: Any, state: Any) -> dict[str, Any]:
-    """params and batch_stats on the host; embedding tables without the rows padded for table sharding."""
-    params = dict(jax.device_get(state.params))
-    for column in ID_COLUMNS:
-        params[f"{column}_table"] = params[f"{column}_table"][:model.vocab_sizes[column]]
-    return {"params": params, "batch_stats": jax.device_get(state.batch_stats)}
 
 
 def _storable(x: Any) -> np.ndarray:

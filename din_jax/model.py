@@ -4,7 +4,8 @@ Shapes: B = batch, T = history length, E = embedding_dim (18), D = 2E (item ++ c
 The model is split into `embed` (table lookups) and `from_embedded` (everything after the lookups)
 so that training can take gradients with respect to gathered rows instead of whole tables. The
 history is handled as a list of P positions with the example each belongs to (segment ids), so a
-batch can carry only its real history positions (packing) instead of B x T padded ones.
+batch can carry only its real history positions (packing) instead of B x T padded ones; an unpacked
+batch's positions are the [B, T] grid, and its per-example operations are reshapes (see History).
 """
 
 from __future__ import annotations
@@ -133,13 +134,64 @@ def segment_sum(values: Array, segment: Array, num_segments: int) -> Array:
     return jax.ops.segment_sum(values, segment, num_segments + 1)[:num_segments]
 
 
+@dataclasses.dataclass(frozen=True)
+class History:
+    """Which example each of the P history positions belongs to, and the per-example operations over them.
+
+    Packed (seq_len 0): positions in any order, `segment` [P] the example id (B for padding), so sums and
+    softmaxes are segment operations. Grid (seq_len T): the P = B * T positions of the padded [B, T] history
+    in row-major order, so the same operations are reshapes, broadcasts and reductions over T, which cost
+    less than segment operations where nearly every position is real (long histories).
+    """
+
+    segment: Array     # [P]; B on masked and padding positions
+    batch_size: int
+    seq_len: int = 0   # T when the positions are the [B, T] grid, else 0 (packed)
+
+    @property
+    def real(self) -> Array:
+        """[P] bool: the position holds a history entry."""
+        return self.segment < self.batch_size
+
+    def sum(self, values: Array) -> Array:
+        """Per-example sums [B, ...] of per-position `values` [P, ...] (padding positions must hold 0)."""
+        if self.seq_len:
+            return values.reshape(self.batch_size, self.seq_len, *values.shape[1:]).sum(1)
+        return segment_sum(values, self.segment, self.batch_size)
+
+    def expand(self, per_example: Array) -> Array:
+        """Per-example values [B, ...] at every position [P, ...] (padding positions get some example's)."""
+        if self.seq_len:
+            shape = (self.batch_size, self.seq_len, *per_example.shape[1:])
+            return jnp.broadcast_to(per_example[:, None], shape).reshape(-1, *per_example.shape[1:])
+        return per_example[jnp.minimum(self.segment, self.batch_size - 1)]
+
+    def softmax(self, scores: Array) -> Array:
+        """Per-example softmax [P] of `scores` [P] over the real positions; 0 on the others."""
+        masked = jnp.where(self.real, scores, -jnp.inf)
+        if self.seq_len:  # the max shift only keeps exp in range
+            top = masked.reshape(self.batch_size, self.seq_len).max(1)
+        else:
+            top = jax.ops.segment_max(masked, self.segment, self.batch_size + 1)[:self.batch_size]
+        shifted = jnp.where(self.real, scores - self.expand(jax.lax.stop_gradient(top)), 0.0)
+        exp = jnp.where(self.real, jnp.exp(shifted), 0.0)
+        return exp / jnp.maximum(self.expand(self.sum(exp)), 1e-30)
+
+
+def history_of(embedded: Mapping[str, Array], batch_size: int) -> History:
+    """The History of DIN.from_embedded's inputs: grid when they carry the [B, T] 'hist_mask', else packed."""
+    grid = embedded.get("hist_mask")
+    return History(embedded["segment"], batch_size, 0 if grid is None else grid.shape[1])
+
+
 class SplitConcatDense(nn.Module):
     """Dense(H) over [q, k, q-k, q*k] computed without building the 4D-wide input.
 
     With the kernel in four row blocks W = [Wq; Wk; Wd; Wp]:
-    [q, k, q-k, q*k] @ W + b = (q @ (Wq + Wd) + b) + k @ (Wk - Wd) + (q*k) @ Wp,
-    so the query's share is computed once per example instead of once per history position.
-    The parameters are those of nn.Dense(H) on the 4D-wide input (same shapes, same init).
+    [q, k, q-k, q*k] @ W + b = (q @ (Wq + Wd) + b) + [k, q*k] @ [Wk - Wd; Wp],
+    so the query's share is computed once per example instead of once per history position, and the
+    per-position share is one [P, 2D] x [2D, H] matmul. The parameters are those of nn.Dense(H) on the
+    4D-wide input (same shapes, same init).
     """
 
     features: int
@@ -147,25 +199,23 @@ class SplitConcatDense(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, query: Array, keys: Array, segment: Array) -> Array:
+    def __call__(self, query: Array, keys: Array, history: History) -> Array:
         d = keys.shape[-1]
         kernel = self.param("kernel", glorot_uniform, (4 * d, self.features), self.param_dtype).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         w_q, w_k, w_d, w_p = kernel[:d], kernel[d:2 * d], kernel[2 * d:3 * d], kernel[3 * d:]
-        per_example = query @ (w_q + w_d) + bias                                      # [B, H]
-        row = jnp.minimum(segment, query.shape[0] - 1)                                # padding -> any row
-        query_at = query[row]                                                         # [P, D]
-        return per_example[row] + keys @ (w_k - w_d) + (query_at * keys) @ w_p      # [P, H]
+        per_example = query @ (w_q + w_d) + bias                                                    # [B, H]
+        per_position = jnp.concatenate([keys, history.expand(query) * keys], axis=-1)               # [P, 2D]
+        return history.expand(per_example) + per_position @ jnp.concatenate([w_k - w_d, w_p])      # [P, H]
 
 
 class AttentionUnit(nn.Module):
     """DIN's local activation unit over the history: weights = softmax(MLP([q, k, q-k, q*k])) on real positions.
 
-    The history comes as P positions: keys [P, D] and the example each belongs to, `segment` [P]
-    (B for padding). query = PReLU(Dense_D(item_emb)); the softmax runs over each example's real
-    positions, which is what DeepRec's -2^32+1 fill of padded scores amounts to (their exp is 0; an
-    empty history, whose padded keys DeepRec zeroes, gives output 0 either way). Mode 'unnormalized'
-    (the DIN paper) uses the raw scores; mode 'mean' is uniform weights, no learned unit.
+    The history comes as P positions, keys [P, D], laid out as `history` says. query = PReLU(Dense_D(item_emb));
+    the softmax runs over each example's real positions, which is what DeepRec's -2^32+1 fill of padded scores
+    amounts to (their exp is 0; an empty history, whose padded keys DeepRec zeroes, gives output 0 either way).
+    Mode 'unnormalized' (the DIN paper) uses the raw scores; mode 'mean' is uniform weights, no learned unit.
     Returns (output [B, D], weights [P]; 0 on padding).
     """
 
@@ -175,31 +225,25 @@ class AttentionUnit(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, item_emb: Array, keys: Array, segment: Array) -> tuple[Array, Array]:
-        batch_size = item_emb.shape[0]
-        real = segment < batch_size
+    def __call__(self, item_emb: Array, keys: Array, history: History) -> tuple[Array, Array]:
+        real = history.real
         if self.mode == "mean":
-            counts = segment_sum(real.astype(jnp.float32), segment, batch_size)
-            weights = jnp.where(real, 1.0 / jnp.maximum(counts, 1.0)[jnp.minimum(segment, batch_size - 1)], 0.0)
+            counts = history.sum(real.astype(jnp.float32))
+            weights = jnp.where(real, 1.0 / history.expand(jnp.maximum(counts, 1.0)), 0.0)
         else:
             dense = lambda n, name: nn.Dense(n, kernel_init=glorot_uniform, dtype=self.dtype,  # noqa: E731
                                              param_dtype=self.param_dtype, name=name)
             query = PReLU(param_dtype=self.param_dtype, name="query_prelu")(dense(keys.shape[-1], "query")(item_emb))
             x = nn.sigmoid(SplitConcatDense(self.hidden[0], self.dtype, self.param_dtype, name="att_0")(
-                query, keys, segment))
+                query, keys, history))
             for i, width in enumerate(self.hidden[1:], start=1):
                 x = nn.sigmoid(dense(width, f"att_{i}")(x))
-            scores = dense(1, "att_out")(x)[:, 0].astype(jnp.float32)                       # [P]
-            if self.mode == "softmax":  # per-example softmax; the max shift only keeps exp in range
-                row = jnp.minimum(segment, batch_size - 1)
-                top = jax.lax.stop_gradient(jax.ops.segment_max(
-                    jnp.where(real, scores, -jnp.inf), segment, batch_size + 1))
-                exp = jnp.where(real, jnp.exp(jnp.where(real, scores - top[row], 0.0)), 0.0)
-                total = jax.ops.segment_sum(exp, segment, batch_size + 1)
-                weights = exp / jnp.maximum(total[segment], 1e-30)
+            scores = dense(1, "att_out")(x)[:, 0].astype(jnp.float32)                              # [P]
+            if self.mode == "softmax":
+                weights = history.softmax(scores)
             else:
                 weights = jnp.where(real, scores, 0.0)
-        output = segment_sum(weights[:, None].astype(keys.dtype) * keys, segment, batch_size)   # [B, D]
+        output = history.sum(weights[:, None].astype(keys.dtype) * keys)                           # [B, D]
         return output, weights
 
 
@@ -257,7 +301,7 @@ class DIN(nn.Module):
 
     def embed(self, batch: Mapping[str, Array]) -> dict[str, Array]:
         """Table lookups: uid [B, E], item [B, D], and the history as positions (see history_positions)."""
-        flat, segment = history_positions(batch)
+        flat, _ = history_positions(batch)
         tables = {"uid_table": self.uid_table, "mid_table": self.mid_table, "cat_table": self.cat_table}
 
         def lookup(table: str, column: str) -> Array:
@@ -278,22 +322,21 @@ class DIN(nn.Module):
 
         item = jnp.concatenate([lookup("mid_table", "mid"), lookup("cat_table", "cat")], axis=-1)
         keys = jnp.concatenate([lookup("mid_table", "hist_mids"), lookup("cat_table", "hist_cats")], axis=-1)
-        return {"uid": lookup("uid_table", "uid"), "item": item, "keys": keys, "segment": segment}
+        return {"uid": lookup("uid_table", "uid"), "item": item, "keys": keys, **history_layout(batch)}
 
     def from_embedded(self, embedded: Mapping[str, Array], row_weight: Array,
                       train: bool = False) -> tuple[Array, Array]:
         """Everything after the lookups: returns (logits [B] in fp32, attention weights [P])."""
         uid = embedded["uid"].astype(jnp.float32)
         item = embedded["item"].astype(jnp.float32)
-        segment = embedded["segment"]
-        real = (segment < item.shape[0])[:, None]
-        keys = jnp.where(real, embedded["keys"].astype(jnp.float32), 0)                         # [P, D]
-        history_sum = segment_sum(keys, segment, item.shape[0])                                 # [B, D]
+        history = history_of(embedded, item.shape[0])
+        keys = jnp.where(history.real[:, None], embedded["keys"].astype(jnp.float32), 0)        # [P, D]
+        history_sum = history.sum(keys)                                                         # [B, D]
         if self.attention == "none":  # DIEN's BaseModel: plain sum pooling, no interaction terms
-            weights = real[:, 0].astype(jnp.float32)
+            weights = history.real.astype(jnp.float32)
             x = jnp.concatenate([uid, item, history_sum], axis=-1)                               # [B, 90]
         else:
-            attended, weights = self.attention_unit(item, keys, segment)
+            attended, weights = self.attention_unit(item, keys, history)
             x = jnp.concatenate([uid, item, history_sum, item * history_sum, attended], axis=-1)  # [B, 162]
         x = x.astype(self.dtype)  # the top MLP's input: where DeepRec's --bf16 casts
         if self.batch_norm == "frozen":
@@ -331,3 +374,12 @@ def history_positions(batch: Mapping[str, Array]) -> tuple[Array, Array]:
     else:
         flat = jnp.where(batch["hist_mask"].reshape(-1), jnp.arange(batch_size * seq_len), batch_size * seq_len)
     return flat, jnp.minimum(flat // seq_len, batch_size)
+
+
+def history_layout(batch: Mapping[str, Array]) -> dict[str, Array]:
+    """How DIN.from_embedded finds each history position's example: 'segment' [P] (see history_positions), and for a
+    batch that is not packed its 'hist_mask' [B, T], whose shape says the positions are the [B, T] grid."""
+    layout = {"segment": history_positions(batch)[1]}
+    if "hist_index" not in batch:
+        layout["hist_mask"] = jnp.asarray(batch["hist_mask"])
+    return layout

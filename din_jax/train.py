@@ -26,8 +26,9 @@ from din_jax import checkpoint as checkpoint_lib
 from din_jax import config_check, jsonfile, parallel, plots
 from din_jax import incremental as incremental_lib
 from din_jax.metrics import StreamingMetrics
-from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, gather_sharded_rows, initialise_rows,
-                               owned_ids, scatter_rows, split_tables, touched_ids)
+from din_jax import sharded_tables
+from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, initialise_rows, row_lookups, scatter_rows,
+                               split_tables, touched_ids, unique_ids)
 from din_jax.feed import QUEUE_DONE, WorkQueueFeed
 from din_jax import ev
 from din_jax.host_embeddings import (INIT_SLOTS, INIT_SOURCES, RAW_ID_KINDS, HostEmbeddings, create_mappings,
@@ -95,11 +96,11 @@ def dummy_batch(batch_size: int, max_seq_length: int) -> Batch:
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer: Optimizer,
-                       table_shards: int = 1, initial_rows: dict[str, tuple[Any, Any, Any]] | None = None
-                       ) -> TrainState:
+                       routed: tuple[str, ...] = (), shards: int = 1,
+                       initial_rows: dict[str, tuple[Any, Any, Any]] | None = None) -> TrainState:
     """Parameters initialised as the seed's TF1 graph does, from `config.seed`, and fresh optimizer slots.
 
-    table_shards: the tables' rows are padded with zero rows (never looked up) to a multiple of it.
+    routed: tables split over `shards` devices, laid out owner-major (sharded_tables.to_physical).
     initial_rows: per table (slots, sources, default matrix) to set at creation (embedding.initialise_rows).
     """
     # Initialise in fp32 and cast, so every precision starts from the same numbers.
@@ -108,9 +109,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer:
     params = {name: p.astype(model.table_dtype) if name in TABLES else p for name, p in variables["params"].items()}
     for name, (slots, sources, defaults) in (initial_rows or {}).items():
         params[name] = initialise_rows(params[name], jnp.asarray(slots), jnp.asarray(sources), jnp.asarray(defaults))
-    for name in TABLES:
-        table = params[name]
-        params[name] = jnp.pad(table, ((0, -table.shape[0] % table_shards), (0, 0)))
+    for name in routed:
+        params[name] = sharded_tables.to_physical(params[name], shards)
     if config.sparse_embeddings:
         tables, dense = split_tables(params)
         slots = {name: optimizer.rows[name].init(table) for name, table in tables.items()}
@@ -170,22 +170,23 @@ def global_row_lookups(batch: Batch, table_sizes: dict[str, int], axis_name: str
         every = jax.lax.all_gather(ids, axis_name, tiled=True)                                  # [n * L]
         # At most table size + 1 distinct values (the padding id is the table size): small tables stay small.
         size = min(every.shape[0], table_sizes[table] + 1)
-        unique, inverse = jnp.unique(every, size=size, fill_value=table_sizes[table], return_inverse=True)
+        unique, inverse = unique_ids(every, table_sizes[table], size)
         mine = jax.lax.dynamic_slice_in_dim(inverse.reshape(-1), jax.lax.axis_index(axis_name) * ids.shape[0],
                                             ids.shape[0])
         lookups[table] = RowLookup(unique, mine)
     return lookups
 
 
-def state_specs(state: TrainState, axis_name: str, shard_tables: bool) -> Any:
-    """The PartitionSpec of every leaf of `state`: tables and their row slots split over `axis_name` by rows
-    when `shard_tables`, everything else replicated."""
+def state_specs(state: TrainState, axis_name: str, routed: tuple[str, ...]) -> Any:
+    """The PartitionSpec of every leaf of `state`: the `routed` tables and their row slots split over `axis_name`
+    by rows, everything else replicated."""
     specs = jax.tree.map(lambda _: P(), state)
-    if not shard_tables:
+    if not routed:
         return specs
     rows = P(axis_name)
-    params = {**specs.params, **{name: rows for name in TABLES}}
-    opt_state = {**specs.opt_state, "rows": jax.tree.map(lambda _: rows, state.opt_state["rows"])}
+    params = {**specs.params, **{name: rows for name in routed}}
+    opt_state = {**specs.opt_state, "rows": {**specs.opt_state["rows"], **{
+        name: jax.tree.map(lambda _: rows, state.opt_state["rows"][name]) for name in routed}}}
     return specs.replace(params=params, opt_state=opt_state)
 
 
@@ -195,8 +196,9 @@ def _table_stand_ins(model: DIN, tables: dict[str, jax.Array]) -> dict[str, jax.
                                                              t.shape[1])) for name, t in tables.items()}
 
 
-def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, axis_name: str, table_shards: int,
-               defaults: dict[str, Any], state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int, axis_name: str,
+               routed: tuple[str, ...] | None, defaults: dict[str, Any], state: TrainState, batch: Batch
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the global batch, gradients accumulated over `micro_batch` slices; returns state and loss.
 
     Runs inside shard_map over the mesh's `axis_name`: `batch` is this device's shard, and the state
@@ -205,9 +207,10 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     same update, equal to one device's update on the whole batch.
     sparse: gradients w.r.t. the gathered embedding rows, and only those rows (and their optimizer
     slots) updated; else gradients w.r.t. whole tables (the O(vocabulary) reference path).
-    table_shards: 0 when tables are replicated; else (sparse only) each device holds the table_shards-th
-    part of every table's rows and row slots: it gathers the touched rows it owns, a psum gives every
-    device all of them, and each device writes back only the updated rows it owns.
+    routed: None when tables are replicated (each device looks up the rows the whole global batch touches, and
+    their gradients are all-reduced); else (sparse only, config.shard_embeddings) the tables split over the
+    devices, whose lookups go to the rows' owners (din_jax.sharded_tables), the other tables replicated with
+    their gradients all-reduced as dense buffers.
     defaults: per table, the default matrix rows newly admitted ids start from (din_jax.host_embeddings).
     """
     n = max(micro_batch, 1)
@@ -218,15 +221,14 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     total_weight = jnp.maximum(examples, 1.0)
     tables, dense = split_tables(state.params)
 
+    if sparse and routed is not None:
+        batch, lookups, rows, routes = _sharded_lookups(model, tables, batch, routed, axis_name)
+        table_params = _table_stand_ins(model, tables)
+    elif sparse:
+        lookups = global_row_lookups(batch, {k: v.shape[0] for k, v in tables.items()}, axis_name, specs)
+        rows = {k: gather_rows(tables[k], lookups[k].ids) for k in tables}
+        table_params = tables
     if sparse:
-        lookups = global_row_lookups(batch, {k: v.shape[0] * max(table_shards, 1) for k, v in tables.items()},
-                                     axis_name, specs)
-        if table_shards:
-            rows = {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables}
-            table_params = _table_stand_ins(model, tables)
-        else:
-            rows = {k: gather_rows(tables[k], lookups[k].ids) for k in tables}
-            table_params = tables
         # Differentiated in fp32 whatever the tables' dtype: bf16 tables store rows, the gradients stay exact.
         variables_in = (dense, {k: v.astype(jnp.float32) for k, v in rows.items()})
         micro_data = (_split_micro(batch, n), _micro_inverses(lookups, batch, n, specs))
@@ -262,26 +264,15 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), variables_in)
     (grads, loss, batch_stats), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros([], jnp.float32), state.batch_stats),
                                                  micro_data)
-    grads, loss = _psum_as_one_buffer((grads, loss), axis_name)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, variables_in)
-
-    if sparse:
-        dense_grads, row_grads = grads
-        dense_updates, dense_opt = optimizer.dense.update(dense_grads, state.opt_state["dense"], dense)
-        new_params = dict(optax.apply_updates(dense, dense_updates))
-        new_rows_slots, new_table_slots = {}, {}
-        for name, table in tables.items():
-            # Sharded: this device's own rows (others -> out of range: slots read clipped, writes dropped).
-            ids = owned_ids(lookups[name].ids, table.shape[0], axis_name) if table_shards else lookups[name].ids
-            slot_rows = {k: v.at[ids].get(mode="clip") for k, v in state.opt_state["rows"][name].items()}
-            rows, slot_rows, new_table_slots[name] = optimizer.rows[name].update(
-                variables_in[1][name], clip_tensor(row_grads[name], optimizer.clip_norm), slot_rows,
-                state.opt_state["tables"][name], state.step)
-            new_params[name] = scatter_rows(table, ids, rows)
-            new_rows_slots[name] = {k: scatter_rows(state.opt_state["rows"][name][k], ids, v)
-                                    for k, v in slot_rows.items()}
-        opt_state = {"dense": dense_opt, "rows": new_rows_slots, "tables": new_table_slots}
+    if sparse and routed is not None:
+        new_params, opt_state, loss = _sharded_update(optimizer, state, grads, loss, lookups, routes, routed,
+                                                      axis_name)
+    elif sparse:
+        new_params, opt_state, loss = _replicated_update(optimizer, state, grads, loss, variables_in, lookups,
+                                                         axis_name)
     else:
+        grads, loss = _psum_as_one_buffer((grads, loss), axis_name)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, variables_in)
         updates, dense_opt = optimizer.dense.update(grads, state.opt_state["dense"], state.params)
         new_params, opt_state = optax.apply_updates(state.params, updates), {"dense": dense_opt}
     new_state = state.replace(step=state.step + 1, params=new_params, batch_stats=batch_stats, opt_state=opt_state)
@@ -292,6 +283,83 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     new_state = _unless_empty(examples > 0, new_state, state, sparse)
     return new_state, {"loss": loss, "examples": examples,
                        "queue_done": jax.lax.psum(batch[QUEUE_DONE][0], axis_name)}
+
+
+def _replicated_update(optimizer: Optimizer, state: TrainState, grads: Any, loss: jax.Array, variables_in: Any,
+                       lookups: dict[str, RowLookup], axis_name: str) -> tuple[dict[str, jax.Array], dict[str, Any],
+                                                                               jax.Array]:
+    """The update with replicated tables: dense and row gradients (the global batch's unique rows, the same on every
+    device) and the loss all-reduced as one buffer, then every device applies the same update.
+    Returns (params, opt_state, the global loss)."""
+    grads, loss = _psum_as_one_buffer((grads, loss), axis_name)
+    dense, rows = variables_in
+    dense_grads, row_grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, variables_in)
+    dense_updates, dense_opt = optimizer.dense.update(dense_grads, state.opt_state["dense"], dense)
+    params = dict(optax.apply_updates(dense, dense_updates))
+    row_slots, table_slots = {}, {}
+    for name in rows:
+        params[name], row_slots[name], table_slots[name] = _update_rows(
+            optimizer, name, state, lookups[name].ids, rows[name], clip_tensor(row_grads[name], optimizer.clip_norm))
+    return params, {"dense": dense_opt, "rows": row_slots, "tables": table_slots}, loss
+
+
+def _update_rows(optimizer: Optimizer, name: str, state: TrainState, ids: jax.Array, rows: jax.Array,
+                 grads: jax.Array) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """Table `name` with its rows `ids` (out of range: padding, writes dropped) updated by its row rule from their
+    current values `rows` and clipped gradients; returns (table, row slots, table slots)."""
+    slots = state.opt_state["rows"][name]
+    slot_rows = {k: v.at[ids].get(mode="clip") for k, v in slots.items()}
+    rows, slot_rows, table_slots = optimizer.rows[name].update(rows, grads, slot_rows, state.opt_state["tables"][name],
+                                                               state.step)
+    return (scatter_rows(state.params[name], ids, rows), {k: scatter_rows(slots[k], ids, v) for k, v in slot_rows.items()},
+            table_slots)
+
+
+def _sharded_lookups(model: DIN, tables: dict[str, jax.Array], batch: Batch, routed: tuple[str, ...], axis_name: str
+                     ) -> tuple[Batch, dict[str, RowLookup], dict[str, jax.Array], dict[str, Any]]:
+    """This device's own lookups (unique ids of its shard) and their rows: routed tables' from the rows' owners
+    (sharded_tables.gather_routed, the capacity read from the batch), replicated tables' from the local copy.
+    Returns (batch without the capacity placeholders, lookups, rows, routes of the routed tables)."""
+    capacities = {name: sharded_tables.capacity_of(batch, name) for name in routed}
+    batch = sharded_tables.without_capacities(batch)
+    sizes = {name: model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
+    lookups = row_lookups(batch, sizes, dict(model.table_specs))
+    rows, routes = {}, {}
+    for name, table in tables.items():
+        if name in routed:
+            rows[name], routes[name] = sharded_tables.gather_routed(table, lookups[name].ids, sizes[name],
+                                                                    capacities[name], axis_name)
+        else:
+            rows[name] = gather_rows(table, lookups[name].ids)
+    return batch, lookups, rows, routes
+
+
+def _sharded_update(optimizer: Optimizer, state: TrainState, grads: Any, loss: jax.Array,
+                    lookups: dict[str, RowLookup], routes: dict[str, Any], routed: tuple[str, ...], axis_name: str
+                    ) -> tuple[dict[str, jax.Array], dict[str, Any], jax.Array]:
+    """The update with routed tables: the dense gradients, the loss and the replicated tables' dense row gradients
+    all-reduced as one buffer; each routed table's row gradients sent to the rows' owners, which update them.
+    Returns (params, opt_state, the global loss)."""
+    tables, dense = split_tables(state.params)
+    dense_grads, row_grads = grads
+    replicated = {name: sharded_tables.dense_gradient(row_grads[name], lookups[name].ids, tables[name].shape[0])
+                  for name in tables if name not in routed}
+    dense_grads, loss, replicated = _psum_as_one_buffer((dense_grads, loss, replicated), axis_name)
+    dense_grads = jax.tree.map(lambda g, p: g.astype(p.dtype), dense_grads, dense)
+    dense_updates, dense_opt = optimizer.dense.update(dense_grads, state.opt_state["dense"], dense)
+    params = dict(optax.apply_updates(dense, dense_updates))
+    row_slots, table_slots = {}, {}
+    for name, (full, touched) in replicated.items():  # every row of a small table; untouched ones are not written
+        ids = jnp.where(touched > 0, jnp.arange(touched.shape[0]), touched.shape[0])
+        params[name], row_slots[name], table_slots[name] = _update_rows(
+            optimizer, name, state, ids, tables[name].astype(jnp.float32), clip_tensor(full, optimizer.clip_norm))
+    for name in routed:
+        shard = tables[name]
+        local, summed = sharded_tables.owner_gradients(row_grads[name], routes[name], shard.shape[0], axis_name)
+        params[name], row_slots[name], table_slots[name] = sharded_tables.update_owned_rows(
+            optimizer.rows[name], shard, state.opt_state["rows"][name], state.opt_state["tables"][name], local,
+            summed, optimizer.clip_norm, state.step, axis_name)
+    return params, {"dense": dense_opt, "rows": row_slots, "tables": table_slots}, loss
 
 
 def _psum_as_one_buffer(tree: Any, axis_name: str) -> Any:
@@ -346,16 +414,15 @@ def eval_step(model: DIN, state: TrainState, batch: Batch) -> jax.Array:
     return jax.nn.sigmoid(logits)
 
 
-def sharded_eval_step(model: DIN, axis_name: str, shards: int, state: TrainState, batch: Batch) -> jax.Array:
-    """eval_step inside shard_map with tables split in `shards` by rows over `axis_name`: gathers only touched rows."""
+def sharded_eval_step(model: DIN, axis_name: str, routed: tuple[str, ...], state: TrainState, batch: Batch
+                      ) -> jax.Array:
+    """eval_step inside shard_map with the `routed` tables split over `axis_name`: each device's lookups are
+    routed to their rows' owners (sharded_tables)."""
     tables, dense = split_tables(state.params)
-    lookups = global_row_lookups(batch, {k: v.shape[0] * shards for k, v in tables.items()}, axis_name,
-                                 dict(model.table_specs))
-    rows = {k: gather_sharded_rows(tables[k], lookups[k].ids, axis_name) for k in tables}
+    batch, lookups, rows, _ = _sharded_lookups(model, tables, batch, routed, axis_name)
     variables = {"params": {**dense, **_table_stand_ins(model, tables)}, "batch_stats": state.batch_stats}
     logits, _ = model.apply(variables, embedded_from_rows(rows, lookups, batch, dict(model.table_specs)),
-                            batch["weight"],
-                            method=DIN.from_embedded)
+                            batch["weight"], method=DIN.from_embedded)
     return jax.nn.sigmoid(logits)
 
 
@@ -368,6 +435,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> Data:
                                              SyntheticSpec(**spec_fields), config.synthetic.seed, config.prepare_seed)
     else:
         data_dir = datasets.require_prepared(config.data_dir)
+    if config.history_keep == "auto":  # resolved here, so config.json and exports record the value used
+        config.history_keep = dien.default_history_keep(data_dir)
     vocabs = dien.load_vocabularies(data_dir)
     encoding, raw_ids = vocabs, {}
     if uses_raw_ids(config):
@@ -403,13 +472,15 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
     """
     boundaries = tuple(config.bucket_boundaries)
     plan = batches_lib.eval_plan(split, config.eval_batch_size, config.max_seq_length, boundaries)
-    local = batches_lib.eval_batches(split, config.eval_batch_size, config.max_seq_length, keep=config.history_keep,
-                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                     boundaries=boundaries)
+    local = functools.partial(batches_lib.eval_batches, split, config.eval_batch_size, config.max_seq_length,
+                              keep=config.history_keep, shard_index=jax.process_index(),
+                              shard_count=jax.process_count(), boundaries=boundaries)
+    capacities = trainer.plan_capacities(local())
     metrics = StreamingMetrics()
-    for item in _items(split, plan, local, trainer, config.eval_batch_size):
+    for item in _items(split, plan, local(), trainer, config.eval_batch_size):
         batch = trainer.host.map_batch(item.batch, 0, train=False) if trainer.host.active else item.batch
-        device_batch = trainer.device_batch(trainer.prepare(batch, item.pack_size))
+        device_batch = trainer.device_batch(trainer.with_capacities(trainer.prepare(batch, item.pack_size),
+                                                                    capacities))
         columns = parallel.gather({"prob": trainer.jit_eval_step(state, device_batch),
                                    **{k: device_batch[k] for k in ("label", "user", "weight")}})
         metrics.update(columns["label"], columns["prob"], columns["user"], columns["weight"])
@@ -426,12 +497,13 @@ def _train_items(split: dien.EncodedSplit, config: ml_collections.ConfigDict, tr
     while True:
         plan = batches_lib.train_plan(split, config.batch_size, config.max_seq_length, seed=config.seed, epoch=epoch,
                                       boundaries=boundaries)
-        local = batches_lib.train_batches(split, config.batch_size, config.max_seq_length, seed=config.seed,
-                                          epoch=epoch, keep=config.history_keep,
-                                          shard_index=0 if whole else jax.process_index(),
-                                          shard_count=1 if whole else jax.process_count(), start_batch=skip,
-                                          boundaries=boundaries)
-        yield from _items(split, plan[skip:], local, trainer, config.batch_size)
+        local = functools.partial(batches_lib.train_batches, split, config.batch_size, config.max_seq_length,
+                                  seed=config.seed, epoch=epoch, keep=config.history_keep,
+                                  shard_index=0 if whole else jax.process_index(),
+                                  shard_count=1 if whole else jax.process_count(), boundaries=boundaries)
+        capacities = trainer.plan_capacities(local())  # routed tables: the whole epoch's, so one compiled shape
+        for item in _items(split, plan[skip:], local(start_batch=skip), trainer, config.batch_size):
+            yield item._replace(batch=trainer.with_capacities(item.batch, capacities)) if capacities else item
         epoch, skip = epoch + 1, 0
 
 
@@ -567,7 +639,7 @@ class Trainer:
     pack_granularity: int  # 0: no packing
     mesh: Mesh
     pack_floor: int = 0    # smallest packed size: set by the loop so an epoch has one shape
-    shard_tables: bool = False  # tables and their row slots split over `data` by rows (config.shard_embeddings)
+    routed: tuple[str, ...] | None = None  # tables split over `data` (config.shard_embeddings); None: replicated
     host: HostEmbeddings | None = None  # ids -> table rows on the host (embedding kinds, din_jax.host_embeddings)
     jit_caught_up_tables: Any = None  # state -> its exact-Adam tables with every row up to date; None: none lag
 
@@ -589,13 +661,14 @@ class Trainer:
         compiles once - and comes from the persistent compilation cache when one is set - instead of running the
         initialisers op by op.
         """
-        if self.shard_tables:
-            create = functools.partial(create_train_state, config, self.model, self.optimizer, self.mesh.size)
+        if self.routed is not None:
+            create = functools.partial(create_train_state, config, self.model, self.optimizer, self.routed,
+                                       self.mesh.size)
         else:
             initial = {table: (slots, sources, self.host.defaults[table])
                        for table, (slots, sources) in self.host.initial_rows().items() if len(slots)}
             create = functools.partial(create_train_state, config, self.model, self.optimizer, initial_rows=initial)
-        specs = state_specs(jax.eval_shape(create), parallel.DATA_AXIS, self.shard_tables)
+        specs = state_specs(jax.eval_shape(create), parallel.DATA_AXIS, self.routed or ())
         shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
         return jax.jit(create, out_shardings=shardings)()
 
@@ -627,6 +700,50 @@ class Trainer:
         index = [pack_history({"hist_mask": m}, self.pack_granularity, size)["hist_index"] for m in masks]
         return {**batch, "hist_index": np.concatenate(index)}
 
+    def plan_capacities(self, local_batches: Iterator[Batch]) -> dict[str, int]:
+        """The routed tables' all-to-all capacities for a run of batches (an epoch, an evaluation): the fullest owner
+        bucket of any device in any of them (this process counts its own batches; one cross-process max)."""
+        if not self.routed:
+            return {}
+        fullest = np.zeros(len(self.routed), np.int64)
+        rows = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in self.routed}
+        for batch in local_batches:
+            counts = sharded_tables.bucket_counts(batch, self.routed, rows, self.mesh.size,
+                                                  parallel.local_shards(self.mesh))
+            fullest = np.maximum(fullest, [counts[name] for name in self.routed])
+        fullest = parallel.gather_host(fullest).max(axis=0)
+        return {name: sharded_tables.round_capacity(int(c)) for name, c in zip(self.routed, fullest)}
+
+    def with_capacities(self, batch: Batch, capacities: dict[str, int]) -> Batch:
+        """A prepared batch with the placeholder columns that carry the routed tables' capacities to the step."""
+        return {**batch, **sharded_tables.capacity_columns(capacities, parallel.local_shards(self.mesh))}
+
+    def physical_ids(self, batch: Batch) -> Batch:
+        """A batch whose routed tables' ids index the owner-major global arrays (for whole-state model.apply)."""
+        if not self.routed:
+            return batch
+        out = dict(batch)
+        for name in self.routed:
+            rows = self.model.vocab_sizes[name.removesuffix("_table")]
+            for column in lookup_columns(name):
+                out[column] = sharded_tables.physical_ids(np.asarray(batch[column]), rows, self.mesh.size)
+        return out
+
+    def table_layout(self) -> dict[str, int]:
+        """Per table, the devices its rows are split over (1: the whole table on every device)."""
+        return {name: self.mesh.size if self.routed and name in self.routed else 1 for name in TABLES}
+
+    def logical_params(self, state: TrainState) -> dict[str, Any]:
+        """state.params on the host with every table in id order and its vocabulary's rows (no sharding padding)."""
+        params = dict(jax.device_get(state.params))
+        for name in TABLES:
+            rows = self.model.vocab_sizes[name.removesuffix("_table")]
+            table = params[name]
+            if self.routed and name in self.routed:
+                table = sharded_tables.logical_table(table, rows, self.mesh.size)
+            params[name] = table[:rows]
+        return params
+
     def local_share(self, batch: Batch) -> Batch:
         """This process's contiguous rows of a whole global batch; the rows-to-initialise lists, which every
         device needs whole, repeated once per local device."""
@@ -642,11 +759,18 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch, prepared: bool = False
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step (see the module-level train_step); `prepared` batches skip `prepare`."""
-        return self.jit_train_step(state, self.device_batch(batch if prepared else self.prepare(batch)))
+        return self.jit_train_step(state, self.device_batch(self._routable(batch if prepared else self.prepare(batch))))
 
     def eval_step(self, state: TrainState, batch: Batch) -> jax.Array:
         """Click probabilities [B] of the global batch, on every process; pass `readable(state)` (exact Adam)."""
-        return self.jit_eval_step(state, self.device_batch(self.prepare(batch)))
+        return self.jit_eval_step(state, self.device_batch(self._routable(self.prepare(batch))))
+
+    def _routable(self, batch: Batch) -> Batch:
+        """`batch` with routing capacities: the loop plans them per epoch; a batch given alone (notebooks,
+        benchmarks, tests) gets its own, so each process must pass its share of the same global batch."""
+        if not self.routed or any(key.endswith(sharded_tables.CAPACITY) for key in batch):
+            return batch
+        return self.with_capacities(batch, self.plan_capacities(iter([batch])))
 
 
 def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int], mesh: Mesh | None = None,
@@ -665,15 +789,16 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
                                  decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate,
                                  lazy_tables=lazy)
     axis = parallel.DATA_AXIS
-    sharded = bool(config.shard_embeddings)
+    routed = (sharded_tables.routed_tables(model.vocab_sizes, config.shard_min_rows) if config.shard_embeddings
+              else None)
     step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis,
-                             mesh.size if sharded else 0, host.defaults)
-    probs = (functools.partial(sharded_eval_step, model, axis, mesh.size) if sharded
+                             routed, host.defaults)
+    probs = (functools.partial(sharded_eval_step, model, axis, routed) if routed is not None
              else functools.partial(eval_step, model))
     predict = lambda state, batch: jax.lax.all_gather(probs(state, batch), axis, tiled=True)  # noqa: E731
-    # State replicated (P()) but for sharded tables, batches split over `data`; every collective is explicit.
-    specs = state_specs(jax.eval_shape(functools.partial(create_train_state, config, model, optimizer)), axis,
-                        True) if sharded else P()
+    # State replicated (P()) but for routed tables, batches split over `data`; every collective is explicit.
+    specs = state_specs(jax.eval_shape(functools.partial(create_train_state, config, model, optimizer, routed or (),
+                                                         mesh.size)), axis, routed) if routed else P()
     shard = functools.partial(jax.shard_map, mesh=mesh, in_specs=(specs, P(axis)), check_vma=False)
     jit_train_step = jax.jit(shard(step, out_specs=(specs, P())), donate_argnums=(0,))
     jit_eval_step = jax.jit(shard(predict, out_specs=P()))
@@ -681,7 +806,7 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     granularity = config.pack_granularity if config.micro_batch <= 1 else 0
     caught_up = (jax.jit(functools.partial(caught_up_tables, optimizer))
                  if config.sparse_embeddings and optimizer.catches_up else None)
-    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, shard_tables=sharded, host=host,
+    return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, routed=routed, host=host,
                    jit_caught_up_tables=caught_up)
 
 
@@ -746,6 +871,7 @@ class _Saver:
     def __init__(self, config: ml_collections.ConfigDict, checkpointer: checkpoint_lib.Checkpointer,
                  trainer: Trainer, checkpoint_dir: str):
         self._checkpointer, self._host = checkpointer, trainer.host
+        self._layout = np.array(list(trainer.table_layout().values()))  # saved with every full checkpoint
         self._increments = (incremental_lib.IncrementalCheckpointer(checkpoint_dir, config.incremental_ckpt)
                             if config.incremental_ckpt else None)
         self.base = checkpointer.latest_step()  # the full checkpoint increments build on
@@ -771,7 +897,8 @@ class _Saver:
             logging.info("Feature eviction (%s) at step %d: %s rows freed", self._host.config.ev_elimination, step,
                          evicted)
         if self._checkpointer.save(step, state, force=force,
-                                   extra={**source.checkpoint_extra(), **self._host.state_dict()}):
+                                   extra={**source.checkpoint_extra(), **self._host.state_dict(),
+                                          checkpoint_lib.TABLE_LAYOUT: self._layout}):
             self.base = self.last = step
             if self._increments is not None:
                 self._increments.prune(step)
@@ -798,12 +925,14 @@ def _write_plots(workdir: str, trainer: Trainer, state: TrainState, data: Data,
     """WORKDIR/plots (process 0): learning curves, throughput, and the attention weights of the first test batch.
 
     Every process calls this and computes the weights alike: with tables split by rows, all of them take part
-    in reading the rows the batch looks up (XLA gathers on each table shard and sums; no device holds a table).
+    in reading the rows the batch looks up (ids translated to the owner-major layout; XLA gathers on each
+    table shard and sums; no device holds a table).
     """
     batch = next(batches_lib.eval_batches(data.test, config.eval_batch_size, config.max_seq_length,
                                           keep=config.history_keep))
     if trainer.host.active:
         batch = trainer.host.map_batch(batch, 0, train=False)
+    batch = trainer.physical_ids(batch)
     # The tables' rows as the state holds them: split tables carry zero rows up to a multiple of the devices.
     model = trainer.model.clone(vocab_sizes={**trainer.model.vocab_sizes, **{
         name.removesuffix("_table"): state.params[name].shape[0] for name in TABLES}})
@@ -838,7 +967,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = trainer.init_state(config)
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, config.save_steps, config.keep_checkpoint_max)
     run_file = os.path.join(workdir, "config.json")
-    restored = checkpointer.restore_latest_with_extra(state, checkpoint_lib.config_changes(run_file, config.to_dict()))
+    restored = checkpointer.restore_latest_with_extra(state, checkpoint_lib.config_changes(run_file, config.to_dict()),
+                                                      trainer.table_layout())
     extra: dict[str, np.ndarray] = {}
     saver = _Saver(config, checkpointer, trainer, checkpoint_dir)
     if restored is not None:

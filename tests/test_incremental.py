@@ -253,7 +253,7 @@ def toy_state(mesh, shard: bool) -> train.TrainState:
                      "tables": {name: {"beta1_power": jnp.ones([])} for name in TOY_ROWS}}
         return train.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=opt_state)
 
-    specs = train.state_specs(jax.eval_shape(create), parallel.DATA_AXIS, shard)
+    specs = train.state_specs(jax.eval_shape(create), parallel.DATA_AXIS, tuple(TOY_ROWS) if shard else ())
     return jax.jit(create, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))()
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from din_jax import parallel
+from din_jax import parallel, sharded_tables
 from din_jax.parallel import Cluster, ParallelError, resolve_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,8 +87,9 @@ def restored_state(directory) -> dict:
     return jax.tree.map(np.asarray, checkpointer.restore(directory, target))
 
 
-def assert_same_training(one, two, steps: int) -> None:
-    """Same eval metrics and final parameters (float32 summation order aside)."""
+def assert_same_training(one, two, steps: int, routed_min_rows: int | None = None, shards: int = 2) -> None:
+    """Same eval metrics and final parameters (float32 summation order aside). With `routed_min_rows`, `two`
+    trained with the tables of at least that many rows split over `shards` devices (owner-major layout)."""
     metrics = [json.loads((w / "eval_metrics.json").read_text()) for w in (one, two)]
     assert metrics[0]["step"] == metrics[1]["step"] == steps
     assert metrics[0]["num_examples"] == metrics[1]["num_examples"]  # the whole test set, once
@@ -99,8 +100,10 @@ def assert_same_training(one, two, steps: int) -> None:
     # to +-lr (see test_sparse); every other parameter, embedding rows included, must agree.
     for p in params:
         p["attention_unit"]["att_out"].pop("bias")
-        for name in ("uid_table", "mid_table", "cat_table"):  # sharded tables carry zero rows up to a multiple
-            p[name] = p[name][:len(params[0][name])]          # of the device count
+    for name in ("uid_table", "mid_table", "cat_table"):
+        rows = len(params[0][name])
+        if routed_min_rows is not None and rows >= routed_min_rows:
+            params[1][name] = sharded_tables.logical_table(params[1][name], rows, shards)
     for (path, left), right in zip(jax.tree_util.tree_flatten_with_path(params[0])[0], jax.tree.leaves(params[1])):
         np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 

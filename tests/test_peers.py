@@ -35,7 +35,7 @@ def din_jax_run():
 
 
 def din_jax_logits(trainer, params, batch) -> np.ndarray:
-    logits, _ = trainer.model.apply({"params": params}, jax.tree.map(jnp.asarray, batch))
+    logits, _ = trainer.model.apply({"params": jax.tree.map(jnp.asarray, params)}, jax.tree.map(jnp.asarray, batch))
     return np.asarray(logits)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from din_jax import train
-from din_jax.embedding import row_lookups
+from din_jax.embedding import row_lookups, unique_ids
 
 VOCAB = {"uid": 40, "mid": 60, "cat": 9}
 B, T = 16, 7
@@ -163,10 +164,13 @@ def test_sharded_tables_equal_replicated_tables(optimizer):
     stream = batches(4, seed=4)
     results = []
     for shard in (False, True):
-        config = config_for(optimizer=optimizer, adagrad_decay_step=2, shard_embeddings=shard, micro_batch=2)
+        # uid and mid routed to their rows' owners, cat (9 rows) replicated with a dense gradient buffer.
+        config = config_for(optimizer=optimizer, adagrad_decay_step=2, shard_embeddings=shard, micro_batch=2,
+                            shard_min_rows=VOCAB["uid"])
         trainer = train.create_trainer(config, VOCAB)
         state = trainer.init_state(config)
         assert state.params["mid_table"].sharding.spec == (P("data") if shard else P())
+        assert state.params["cat_table"].sharding.spec == P()
         for batch in stream:
             state, _ = trainer.train_step(state, batch)
         results.append((jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.opt_state),
@@ -225,3 +229,15 @@ def test_exact_adam_trains_as_whole_table_adam_and_lazy_adam_does_not():
         np.testing.assert_allclose(exact[table], whole[table], rtol=0, atol=1e-6, err_msg=table)
     assert np.abs(lazy["mid_table"] - whole["mid_table"]).max() > 1e-3
     assert np.abs(lagging["mid_table"] - whole["mid_table"]).max() > 1e-4  # the live state lags until read
+
+
+@pytest.mark.parametrize("table_size", [9, 1_000])  # presence map (<= 32x the lookups) and sort
+def test_unique_ids_equal_jnp_unique_with_inverse(table_size):
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(np.where(rng.random(20) < 0.2, table_size, rng.integers(0, min(table_size, 12), 20)), jnp.int32)
+    size = min(ids.shape[0], table_size + 1)
+    want_unique, want_inverse = jnp.unique(ids, size=size, fill_value=table_size, return_inverse=True)
+    unique, inverse = unique_ids(ids, table_size, size)
+    np.testing.assert_array_equal(unique, want_unique)
+    np.testing.assert_array_equal(inverse, want_inverse.reshape(-1))
+    np.testing.assert_array_equal(unique[inverse], ids)

@@ -1,8 +1,9 @@
 """One measurement in its own process, so that peak RSS is one framework's: `python -m benchmarks.peers.worker SPEC`.
 
 SPEC is JSON: framework (a key of FRAMEWORKS), task ('throughput' or 'auc'), batch_size, threads, and:
-  throughput: steps, distinct_batches, seed - a ring of `distinct_batches` Books-shaped batches
-      (benchmarks/books_shaped.py), built before timing; one first step (build, init, trace/compile);
+  throughput: steps, distinct_batches, seed, history ('books' or 'long', books_shaped.HISTORY_SHAPES) - a
+      ring of `distinct_batches` Books-shaped batches (benchmarks/books_shaped.py), built before timing; one
+      first step (build, init, trace/compile);
       then `steps` timed steps, ending on a finished step.
   auc: data_dir, out - one epoch of the prepared built-in data in din_jax's batch order, then the test
       split's click probabilities written to `out` (.npz: probs, labels, weights).
@@ -29,11 +30,12 @@ EVAL_BATCH_SIZE = 2048
 DIN_JAX_SEED = 2021  # configs/default.py: parameters and data order
 # How each framework updates the embedding tables: 'lazy' = only touched rows (moments included),
 # 'all rows' = TF1 Adam, every row's moments decay and every row moves (DeepRec's Adam).
-FRAMEWORKS = {"din_jax": "lazy", "din_jax_dense": "all rows", "din_jax_padded": "lazy", "torch": "lazy",
-              "torch_tf1adam": "all rows", "torch_dense": "all rows", "tf": "all rows", "tf_xla": "all rows"}
+FRAMEWORKS = {"din_jax": "all rows", "din_jax_lazy": "lazy", "din_jax_dense": "all rows", "din_jax_padded": "all rows",
+              "torch": "lazy", "torch_tf1adam": "all rows", "torch_dense": "all rows", "tf": "all rows",
+              "tf_xla": "all rows"}
 # configs/default.py overrides of the din_jax variants.
-DIN_JAX_OVERRIDES = {"din_jax": {}, "din_jax_dense": {"sparse_embeddings": False},
-                     "din_jax_padded": {"pack_granularity": 0}}
+DIN_JAX_OVERRIDES = {"din_jax": {}, "din_jax_lazy": {"optimizer": "lazyadam"},
+                     "din_jax_dense": {"sparse_embeddings": False}, "din_jax_padded": {"pack_granularity": 0}}
 
 
 class DinJax:
@@ -145,7 +147,8 @@ def _peak_rss_mib() -> float:
 def throughput(spec: dict[str, Any]) -> dict[str, Any]:
     """First-step seconds and samples/s over `steps` further steps on a ring of Books-shaped batches."""
     batch_size, ring_size = spec["batch_size"], spec["distinct_batches"]
-    split = books_shaped.books_shaped_split(num_pairs=-(-ring_size * batch_size // 2), seed=spec["seed"])
+    split = books_shaped.books_shaped_split(num_pairs=-(-ring_size * batch_size // 2), seed=spec["seed"],
+                                            history=books_shaped.HISTORY_SHAPES[spec["history"]])
     ring = list(batches_lib.train_batches(split, batch_size, MAX_SEQ_LENGTH, seed=spec["seed"], epoch=0))[:ring_size]
     del split
     import_seconds = _import_framework(spec["framework"])
