@@ -71,6 +71,33 @@ def lookup_columns(table: str, spec: TableSpec | None = None) -> tuple[str, ...]
 glorot_uniform = nn.initializers.glorot_uniform()
 
 
+def table_glorot_uniform(rows: int, width: int):
+    """glorot_uniform of a [rows, width] table, bit for bit, whatever shape it is asked for (owner_major asks for
+    [Q, N, width]): the scale comes from the table's shape, the values from the flat index (threefry is
+    partitionable, so an array's random values depend on each element's flat index only)."""
+    variance = 1.0 / max(1.0, (rows + width) / 2.0)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -1) * jnp.sqrt(3 * jnp.array(variance, dtype)).astype(dtype)
+
+    return init
+
+
+def owner_major(init, rows: int, shards: int):
+    """An initialiser of a table split over `shards` devices in the owner-major layout (sharded_tables.to_physical):
+    the same values as init(key, [rows, D]) reordered, generated as [Q, N, D] and transposed, so under a sharded
+    jit each device computes only its own rows (no device builds the whole table); rows past `rows` are zero."""
+    q = -(-rows // shards)
+
+    def create(key, shape, dtype=jnp.float32):
+        width = shape[1]
+        grid = init(key, (q, shards, width), dtype)  # element [l, o] is logical row l * N + o
+        real = (jnp.arange(q)[:, None] * shards + jnp.arange(shards)[None, :] < rows)[..., None]
+        return jnp.where(real, grid, 0).transpose(1, 0, 2).reshape(shards * q, width)
+
+    return create
+
+
 def tf1_truncated_normal(stddev: float):
     """TF1 `truncated_normal_initializer`: N(0, stddev) redrawn outside 2 stddev (no variance correction)."""
 
@@ -270,6 +297,9 @@ class DIN(nn.Module):
     dtype: Any = jnp.float32
     table_dtype: Any = jnp.float32
     table_specs: tuple[tuple[str, TableSpec], ...] = ()  # (table name, spec) for tables that are not one row per id
+    # (table name, devices): tables created straight in the owner-major layout of din_jax.sharded_tables, so that
+    # each device generates only its own rows (the values are the whole table's, reordered); set for init only.
+    table_shards: tuple[tuple[str, int], ...] = ()
 
     def setup(self):
         if self.batch_norm not in ("frozen", "batch", "none"):
@@ -279,10 +309,18 @@ class DIN(nn.Module):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"model.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         e = self.embedding_dim
-        shape = lambda name: (self.vocab_sizes[name], self.spec(name).width or e)  # noqa: E731
-        self.uid_table = self.param("uid_table", tf1_truncated_normal(e**-0.5), shape("uid"), self.table_dtype)
-        self.mid_table = self.param("mid_table", glorot_uniform, shape("mid"), self.table_dtype)
-        self.cat_table = self.param("cat_table", glorot_uniform, shape("cat"), self.table_dtype)
+        shards = dict(self.table_shards)
+
+        def table(name: str, init):
+            rows, width = self.vocab_sizes[name], self.spec(name).width or e
+            split = shards.get(f"{name}_table", 0)
+            if split:
+                init, rows = owner_major(init, rows, split), split * -(-rows // split)
+            return self.param(f"{name}_table", init, (rows, width), self.table_dtype)
+
+        self.uid_table = table("uid", tf1_truncated_normal(e**-0.5))
+        self.mid_table = table("mid", table_glorot_uniform(self.vocab_sizes["mid"], self.spec("mid").width or e))
+        self.cat_table = table("cat", table_glorot_uniform(self.vocab_sizes["cat"], self.spec("cat").width or e))
         self.attention_unit = AttentionUnit(self.attention_hidden, self.attention)
         if self.batch_norm == "frozen":
             self.bn = FrozenBatchNorm()

@@ -104,13 +104,14 @@ def create_train_state(config: ml_collections.ConfigDict, model: DIN, optimizer:
     initial_rows: per table (slots, sources, default matrix) to set at creation (embedding.initialise_rows).
     """
     # Initialise in fp32 and cast, so every precision starts from the same numbers.
-    fp32_model = model.clone(dtype=jnp.float32, table_dtype=jnp.float32)
+    # Routed tables are created in their owner-major layout: under init_state's sharded jit each device builds
+    # only its own rows, so a table larger than one process's memory can be created.
+    fp32_model = model.clone(dtype=jnp.float32, table_dtype=jnp.float32,
+                             table_shards=tuple((name, shards) for name in routed))
     variables = fp32_model.init(jax.random.PRNGKey(config.seed), dummy_batch(2, config.max_seq_length))
     params = {name: p.astype(model.table_dtype) if name in TABLES else p for name, p in variables["params"].items()}
     for name, (slots, sources, defaults) in (initial_rows or {}).items():
         params[name] = initialise_rows(params[name], jnp.asarray(slots), jnp.asarray(sources), jnp.asarray(defaults))
-    for name in routed:
-        params[name] = sharded_tables.to_physical(params[name], shards)
     if config.sparse_embeddings:
         tables, dense = split_tables(params)
         slots = {name: optimizer.rows[name].init(table) for name, table in tables.items()}

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from din_jax import sharded_tables
+from din_jax import model, sharded_tables
 from tests.test_sparse import skewed_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +29,18 @@ def test_owner_major_layout_round_trips_and_puts_row_i_on_device_i_mod_n():
     np.testing.assert_array_equal(physical[3:6, 0], table[[1, 5, 9], 0])  # device 1's block: rows 1, 5, 9 (+ pad)
     np.testing.assert_array_equal(sharded_tables.logical_table(physical, 10, 4), table)
     assert sharded_tables.physical_ids(np.array([10, 99]), 10, 4).tolist() == [12, 12]  # out of range stays so
+
+
+@pytest.mark.parametrize("rows", [7, 401])
+def test_tables_created_owner_major_hold_the_whole_tables_values_reordered(rows):
+    """Each device can generate its own rows: the same numbers as the flax/TF1 initialisers of the whole table."""
+    key = jax.random.PRNGKey(5)
+    glorot = model.table_glorot_uniform(rows, 18)
+    np.testing.assert_array_equal(glorot(key, (rows, 18)), nn.initializers.glorot_uniform()(key, (rows, 18)))
+    for init in (glorot, model.tf1_truncated_normal(18**-0.5)):
+        for shards in (1, 2, 3, 4):
+            want = sharded_tables.to_physical(init(key, (rows, 18)), shards)
+            np.testing.assert_array_equal(model.owner_major(init, rows, shards)(key, want.shape), want)
 
 
 def test_buckets_send_each_unique_id_to_its_owner_once():
