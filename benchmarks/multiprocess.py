@@ -422,6 +422,8 @@ def placement(args) -> None:
                     shard = {c: v[k * size:(k + 1) * size] for c, v in batch.items()}
                     ids = np.unique(sharded_tables.touched_ids_numpy(shard, table))
                     ids = ids[ids < rows]
+                    if not len(ids):  # a shard of the epoch's padded last batch
+                        continue
                     for name, owner in (("mod", ids % n), ("range", ids // q)):
                         counts = np.bincount(owner, minlength=n)
                         stats.setdefault((table, name), []).append(counts.max() / counts.mean())

@@ -101,8 +101,9 @@ def test_packed_and_grid_histories_give_the_reference_logits_and_equal_gradients
         logits, _ = model.apply({"params": p}, batch)
         return weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"]), logits
 
-    (_, grid_logits), grid_grads = jax.value_and_grad(loss, has_aux=True)(params, grid)
-    (_, packed_logits), packed_grads = jax.value_and_grad(loss, has_aux=True)(params, packed)
+    gradient = jax.jit(jax.value_and_grad(loss, has_aux=True))  # one program, not hundreds compiled op by op
+    (_, grid_logits), grid_grads = gradient(params, grid)
+    (_, packed_logits), packed_grads = gradient(params, packed)
     if attention in ("softmax", "unnormalized"):
         np.testing.assert_allclose(grid_logits, numpy_din(params, grid, attention)[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(packed_logits, grid_logits, rtol=1e-6, atol=1e-6)

@@ -5,12 +5,17 @@ Its own module so that pytest-xdist (which hands out whole modules) runs it besi
 
 from __future__ import annotations
 
+import pytest
+
 from tests.test_parallel import assert_same_training, launch
 
 MIN_ROWS = 100
 ROUTED = (f"--config.shard_min_rows={MIN_ROWS}",)  # the tiny data's uid and mid tables routed, its 20 categories replicated
 
 
+# Slow (CI runs it): test_sharded_tables trains routed tables on 2 and 4 devices against one, test_parallel launches,
+# resumes and compares 2 processes, and test_incremental round-trips tables split over 2 processes' checkpoints.
+@pytest.mark.slow
 def test_two_processes_with_sharded_tables_train_resume_and_evaluate_as_one_replicated_process(tmp_path):
     one = launch(1, tmp_path / "one", "--config.steps=6")
     assert one.returncode == 0, one.stdout[-3000:]

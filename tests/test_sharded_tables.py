@@ -77,7 +77,8 @@ out = {}
 for devices in (1, 2, 4):
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     config = config_for(shard_embeddings=devices > 1, shard_min_rows=VOCAB["uid"], optimizer=sys.argv[1],
-                        learning_rate=0.001)  # DeepRec's: Adam turns float noise into steps of about lr
+                        learning_rate=0.001,  # DeepRec's: Adam turns float noise into steps of about lr
+                        micro_batch=2)  # gradients of two slices accumulated before the routed update
     trainer = train.create_trainer(config, VOCAB, mesh=mesh)
     state = trainer.init_state(config)
     for batch in stream:
