@@ -6,6 +6,7 @@ import difflib
 import logging as std_logging
 import os
 import sys
+import traceback
 from typing import Any
 
 from absl import app, flags, logging
@@ -98,10 +99,17 @@ class _QuietLibraries(std_logging.Filter):
     def filter(self, record: std_logging.LogRecord) -> bool:
         if "/orbax/" in record.pathname and "raised an exception" in str(record.msg):
             return False
-        if record.name == "asyncio" and "/orbax/" in record.getMessage():
-            return False
+        if record.name == "asyncio" and ("/orbax/" in record.getMessage() or _raised_in_orbax(record.exc_info)):
+            return False  # a Task names its orbax coroutine; a _GatheringFuture only its exception's traceback
         noisy = any(part in record.pathname for part in ("/orbax/", "/jax/", "/jaxlib/"))
         return record.levelno >= std_logging.WARNING or not noisy
+
+
+def _raised_in_orbax(exc_info) -> bool:
+    """Whether a log record's exception was raised inside orbax."""
+    if not exc_info or exc_info[2] is None:
+        return False
+    return any("/orbax/" in frame.filename.replace("\\", "/") for frame in traceback.extract_tb(exc_info[2]))
 
 
 def _unraisable(hook_args: object) -> None:

@@ -112,3 +112,14 @@ def test_asyncio_reports_of_abandoned_orbax_reads_are_filtered_and_others_kept()
                                "done, defined at /site-packages/orbax/checkpoint/_src/serialization/serialization.py:394>")
     assert not quiet.filter(abandoned)
     assert quiet.filter(asyncio_record("Task exception was never retrieved\nfuture: <Task coro=<ours() done>"))
+    # A gathered future names no coroutine: its exception's traceback says where it was raised.
+    namespace: dict = {}
+    exec(compile("def read():\n    raise ValueError('Requested shape: (363, 8) is not compatible')\n",
+                 "/site-packages/orbax/checkpoint/_src/serialization/serialization.py", "exec"), namespace)
+    for reader, dropped in ((namespace["read"], True), (lambda: int("ours"), False)):
+        try:
+            reader()
+        except ValueError:
+            record = asyncio_record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished>")
+            record.exc_info = sys.exc_info()
+        assert quiet.filter(record) is not dropped
