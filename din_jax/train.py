@@ -501,7 +501,7 @@ def _train_items(split: dien.EncodedSplit, config: ml_collections.ConfigDict, tr
         local = functools.partial(batches_lib.train_batches, split, config.batch_size, config.max_seq_length,
                                   seed=config.seed, epoch=epoch, keep=config.history_keep,
                                   shard_index=0 if whole else jax.process_index(),
-                                  shard_count=1 if whole else jax.process_count(), boundaries=boundaries)
+                                  shard_count=1 if whole else jax.process_count(), plan=plan)
         capacities = trainer.plan_capacities(local())  # routed tables: the whole epoch's, so one compiled shape
         for item in _items(split, plan[skip:], local(start_batch=skip), trainer, config.batch_size):
             yield item._replace(batch=trainer.with_capacities(item.batch, capacities)) if capacities else item

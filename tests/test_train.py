@@ -32,9 +32,15 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("builtin"))
 
 
-def test_run_writes_metrics_summary_checkpoint_and_tensorboard(tmp_path, data_dir):
+def test_run_writes_metrics_summary_checkpoint_and_tensorboard(tmp_path, data_dir, monkeypatch):
     workdir = str(tmp_path / "run")
+    plans = []
+    build_plan = batches_lib.train_plan
+    monkeypatch.setattr(batches_lib, "train_plan", lambda *a, **k: plans.append(k["epoch"]) or build_plan(*a, **k))
     results = train.train_and_evaluate(small_config(data_dir, steps=12), workdir)
+    # 12 steps of the first epoch: its permutation (4 bytes a sample) built for the packed size, then once for the
+    # batches, however many passes over the plan (capacities, items) the loop makes.
+    assert plans == [0, 0]
     with open(os.path.join(workdir, "eval_metrics.json")) as f:
         metrics = json.load(f)
     assert set(metrics) == {"auc", "auc_1000", "gauc", "accuracy", "logloss", "num_examples", "step"}
