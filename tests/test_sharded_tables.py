@@ -113,3 +113,23 @@ def test_two_and_four_devices_with_routed_tables_train_as_one_device(optimizer):
             if "att_out" in name and "bias" in name:
                 continue  # softmax-invariant: its gradient is float noise Adam scales up (see test_parallel)
             np.testing.assert_allclose(many["params"][name], value, rtol=1e-5, atol=1e-6, err_msg=devices + name)
+
+
+def test_a_checkpoint_split_over_other_devices_is_refused_in_one_line_naming_both_counts(tmp_path):
+    from din_jax import checkpoint as checkpoint_lib
+    state = {"w": jnp.zeros([4, 2])}
+    checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_steps=0, keep_max=1)
+    try:
+        # Written by a 4-device run with the user and item tables split, the category table whole.
+        assert checkpointer.save(5, state, force=True, extra={checkpoint_lib.TABLE_LAYOUT: np.array([4, 4, 1])})
+        checkpointer.manager.wait_until_finished()
+        same = {"uid_table": 4, "mid_table": 4, "cat_table": 1}
+        restored, _ = checkpointer.restore_latest_with_extra(state, table_layout=same)
+        np.testing.assert_array_equal(restored["w"], state["w"])
+        with pytest.raises(checkpoint_lib.CheckpointError) as error:
+            checkpointer.restore_latest_with_extra(state, table_layout={"uid_table": 1, "mid_table": 1, "cat_table": 1})
+    finally:
+        checkpointer.close()
+    message = str(error.value)
+    assert "\n" not in message
+    assert "over 4 device(s) (uid_table over 4, mid_table over 4), this run over 1 (none)" in message
