@@ -54,12 +54,7 @@ def main() -> None:
     parser.add_argument("--kind", choices=sorted(KINDS), default="ev")
     args = parser.parse_args()
     config = default.get_config()
-    for field, value in KINDS[args.kind].items():
-        node = config
-        *parents, leaf = field.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(KINDS[args.kind])
     config.history_keep = "first"
     data = train.load_data(config, args.workdir)
     print(f"| processes | global batch mapped per process | {args.kind} map_batch ms / step | vs 1 process |")

@@ -311,16 +311,17 @@ class DIN(nn.Module):
         e = self.embedding_dim
         shards = dict(self.table_shards)
 
-        def table(name: str, init):
+        def table(name: str, make_init):
+            """The table's parameter; make_init(rows, width) gives its initialiser."""
             rows, width = self.vocab_sizes[name], self.spec(name).width or e
-            split = shards.get(f"{name}_table", 0)
+            init, split = make_init(rows, width), shards.get(f"{name}_table", 0)
             if split:
                 init, rows = owner_major(init, rows, split), split * -(-rows // split)
             return self.param(f"{name}_table", init, (rows, width), self.table_dtype)
 
-        self.uid_table = table("uid", tf1_truncated_normal(e**-0.5))
-        self.mid_table = table("mid", table_glorot_uniform(self.vocab_sizes["mid"], self.spec("mid").width or e))
-        self.cat_table = table("cat", table_glorot_uniform(self.vocab_sizes["cat"], self.spec("cat").width or e))
+        self.uid_table = table("uid", lambda rows, width: tf1_truncated_normal(e**-0.5))
+        self.mid_table = table("mid", table_glorot_uniform)
+        self.cat_table = table("cat", table_glorot_uniform)
         self.attention_unit = AttentionUnit(self.attention_hidden, self.attention)
         if self.batch_norm == "frozen":
             self.bn = FrozenBatchNorm()

@@ -475,7 +475,7 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
     plan = batches_lib.eval_plan(split, config.eval_batch_size, config.max_seq_length, boundaries)
     local = functools.partial(batches_lib.eval_batches, split, config.eval_batch_size, config.max_seq_length,
                               keep=config.history_keep, shard_index=jax.process_index(),
-                              shard_count=jax.process_count(), boundaries=boundaries)
+                              shard_count=jax.process_count(), plan=plan)
     capacities = trainer.plan_capacities(local())
     metrics = StreamingMetrics()
     for item in _items(split, plan, local(), trainer, config.eval_batch_size):

@@ -170,8 +170,10 @@ def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, 
 
 
 def eval_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, keep: str = "first",
-                 shard_index: int = 0, shard_count: int = 1,
-                 boundaries: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
-    """All examples once (file order, or bucket by bucket); the last partial batch of each is padded."""
-    return _batches(split, eval_plan(split, batch_size, max_seq_length, boundaries), batch_size, keep,
-                    shard_index, shard_count)
+                 shard_index: int = 0, shard_count: int = 1, boundaries: Sequence[int] = (),
+                 plan: Plan | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """All examples once (file order, or bucket by bucket); the last partial batch of each is padded.
+    `plan`: the eval_plan, when the caller already holds it."""
+    if plan is None:
+        plan = eval_plan(split, batch_size, max_seq_length, boundaries)
+    return _batches(split, plan, batch_size, keep, shard_index, shard_count)
