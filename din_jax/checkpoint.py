@@ -156,31 +156,28 @@ class Checkpointer:
         step = self.latest_step()
         if step is None:
             return None
-        if table_layout is not None:
-            self._check_table_layout(step, table_layout)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+        extra = {}  # read first (and once): the table layout it records decides whether the state may be read
         if os.path.isdir(os.path.join(self.directory, str(step), EXTRA_ITEM)):
-            items[EXTRA_ITEM] = ocp.args.PyTreeRestore()
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.PyTreeRestore()}))
+            extra = _unpack(np.asarray(restored[EXTRA_ITEM]["npz"]))
+        if table_layout is not None:
+            self._check_table_layout(step, extra.get(TABLE_LAYOUT), table_layout)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardRestore(abstract)}))
         except (ValueError, KeyError, TypeError) as e:
             changed = f"; config changed since: {', '.join(changes[:6])}" if changes else ""
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
                 f"({_mismatch(e)}){changed} - rerun with the config it was trained with, or use a new --workdir / "
                 "--config.checkpoint_dir") from None
-        extra = restored.get(EXTRA_ITEM) if EXTRA_ITEM in items else None
-        return restored[STATE_ITEM], ({} if extra is None else _unpack(np.asarray(extra["npz"])))
+        return restored[STATE_ITEM], extra
 
-    def _check_table_layout(self, step: int, expected: Mapping[str, int]) -> None:
-        """CheckpointError naming both device counts when checkpoint `step` split its tables otherwise."""
-        stored = {name: 1 for name in expected}  # checkpoints without a layout hold whole tables
-        if os.path.isdir(os.path.join(self.directory, str(step), EXTRA_ITEM)):
-            extra = self.manager.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.PyTreeRestore()}))
-            saved = _unpack(np.asarray(extra[EXTRA_ITEM]["npz"])).get(TABLE_LAYOUT)
-            if saved is not None:
-                stored = dict(zip(expected, (int(n) for n in saved)))
+    def _check_table_layout(self, step: int, saved: np.ndarray | None, expected: Mapping[str, int]) -> None:
+        """CheckpointError naming both device counts when checkpoint `step` split its tables otherwise;
+        saved: its TABLE_LAYOUT array (None: written before layouts were recorded, whole tables)."""
+        stored = {name: 1 for name in expected} if saved is None else dict(zip(expected, (int(n) for n in saved)))
         if stored != dict(expected):
             split = lambda layout: ", ".join(f"{k} over {n}" for k, n in layout.items() if n > 1) or "none"  # noqa: E731
             raise CheckpointError(
