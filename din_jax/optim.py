@@ -39,9 +39,11 @@ def clip_by_norm_per_tensor(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def clip_tensor(g: jax.Array, max_norm: float) -> jax.Array:
-    """One tensor clipped to L2 norm `max_norm` (computed in fp32)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+def clip_tensor(g: jax.Array, max_norm: float, axis_name: str | None = None) -> jax.Array:
+    """One tensor clipped to L2 norm `max_norm` (computed in fp32). With `axis_name`, `g` is this device's part of
+    a tensor split over that axis (a routed table's rows): the norm is the whole tensor's (one scalar psum)."""
+    squares = jnp.sum(jnp.square(g.astype(jnp.float32)))
+    norm = jnp.sqrt(squares if axis_name is None else jax.lax.psum(squares, axis_name))
     return (g * (max_norm / jnp.maximum(norm, max_norm))).astype(g.dtype)
 
 

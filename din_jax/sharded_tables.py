@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from din_jax.embedding import gather_rows, scatter_rows
+from din_jax.embedding import gather_rows
 from din_jax.model import TABLES, lookup_columns
 
 Array = jax.Array
@@ -174,22 +174,6 @@ def round_capacity(count: int) -> int:
 def capacity_columns(capacities: Mapping[str, int], local_shards: int) -> dict[str, np.ndarray]:
     """The placeholder columns that carry each table's capacity C to the step: [local_shards * C] int8 zeros."""
     return {table + CAPACITY: np.zeros(local_shards * c, np.int8) for table, c in capacities.items()}
-
-
-def update_owned_rows(rule, shard: Array, row_slots: Mapping[str, Array], table_slots, local: Array,
-                      grads: Array, clip_norm: float, step: Array, axis_name: str):
-    """The owner's half of a routed table's update: its rows `local` (Q: padding) with their summed gradients,
-    clipped by the norm over every owner's rows (one psum), updated by `rule` and written back.
-
-    Returns (shard, row_slots, table_slots).
-    """
-    norm = jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(grads.astype(jnp.float32))), axis_name))
-    grads = grads * (clip_norm / jnp.maximum(norm, clip_norm))
-    slot_rows = {k: v.at[local].get(mode="clip") for k, v in row_slots.items()}
-    rows = gather_rows(shard, local).astype(jnp.float32)
-    rows, slot_rows, table_slots = rule.update(rows, grads, slot_rows, table_slots, step)
-    return (scatter_rows(shard, local, rows), {k: scatter_rows(row_slots[k], local, v) for k, v in slot_rows.items()},
-            table_slots)
 
 
 def dense_gradient(grads: Array, ids: Array, rows: int) -> tuple[Array, Array]:

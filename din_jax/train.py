@@ -354,12 +354,11 @@ def _sharded_update(optimizer: Optimizer, state: TrainState, grads: Any, loss: j
         ids = jnp.where(touched > 0, jnp.arange(touched.shape[0]), touched.shape[0])
         params[name], row_slots[name], table_slots[name] = _update_rows(
             optimizer, name, state, ids, tables[name].astype(jnp.float32), clip_tensor(full, optimizer.clip_norm))
-    for name in routed:
-        shard = tables[name]
-        local, summed = sharded_tables.owner_gradients(row_grads[name], routes[name], shard.shape[0], axis_name)
-        params[name], row_slots[name], table_slots[name] = sharded_tables.update_owned_rows(
-            optimizer.rows[name], shard, state.opt_state["rows"][name], state.opt_state["tables"][name], local,
-            summed, optimizer.clip_norm, state.step, axis_name)
+    for name in routed:  # the owner's half: its rows `local` (Q: padding), their gradients summed over the devices
+        local, summed = sharded_tables.owner_gradients(row_grads[name], routes[name], tables[name].shape[0], axis_name)
+        params[name], row_slots[name], table_slots[name] = _update_rows(
+            optimizer, name, state, local, gather_rows(tables[name], local).astype(jnp.float32),
+            clip_tensor(summed, optimizer.clip_norm, axis_name))
     return params, {"dense": dense_opt, "rows": row_slots, "tables": table_slots}, loss
 
 
