@@ -7,6 +7,7 @@ import pathlib
 import time
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -14,6 +15,9 @@ QUICKSTART = REPO / "notebooks" / "quickstart.ipynb"
 BUDGET_SECONDS = 120
 
 
+# Slow (CI runs it): what it calls - train_and_evaluate, plots, export, load_model, predict, explain - each has its own
+# fast tests (test_train, test_plots, test_export); this one checks the notebook file itself runs.
+@pytest.mark.slow
 def test_quickstart_notebook_runs_headless_within_two_minutes_and_leaves_no_files(tmp_path, monkeypatch):
     notebook = nbformat.read(QUICKSTART, as_version=4)
     # The kernel is this interpreter's ipykernel, importing this checkout, working in a scratch directory,
