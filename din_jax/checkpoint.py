@@ -11,7 +11,7 @@ CheckpointError of one sentence; the existing checkpoints stay as they were.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import io
 import json
 import os
@@ -79,25 +79,24 @@ class StopSignals:
 
 
 def require_writable(directory: str, what: str, keep: bool = True) -> None:
-    """Creates `directory` if needed and writes (and removes) a file in it; if it cannot, a CheckpointError naming
-    `what`, the flag that chooses the directory. keep=False removes the directories this created again (a run that
-    then fails on its data leaves no empty checkpoint directory behind)."""
-    created = []
-    parent = os.path.abspath(directory)
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        created.append(parent)
-        parent = os.path.dirname(parent)
+    """Checks that `directory` can be written by writing (and removing) a file in it; if it cannot, a CheckpointError
+    naming `what`, the flag that chooses the directory. keep=True creates the directory; keep=False creates nothing
+    and probes the nearest existing parent instead, so a run that then fails on its data leaves no empty directory
+    behind (and processes sharing a workdir never race one's clean-up against another's probe)."""
+    probe = os.path.abspath(directory)
+    if not keep:
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        if keep:
+            os.makedirs(probe, exist_ok=True)
+        elif not os.path.isdir(probe):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), probe)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         raise CheckpointError(f"cannot write in {os.path.abspath(directory)} ({_os_reason(e)}); make it writable "
                               f"or pass another {what}") from None
-    finally:
-        for path in created if not keep else ():
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
 
 
 def config_changes(config_file: str, config: Mapping[str, Any]) -> list[str]:

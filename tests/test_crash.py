@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from din_jax import train
-from din_jax.checkpoint import Checkpointer, StopSignals
+from din_jax.checkpoint import CheckpointError, Checkpointer, StopSignals, require_writable
 from tests.test_parallel import TINY, restored_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,3 +230,14 @@ def test_workdir_inside_a_file_is_one_line(runs, tmp_path):
     workdir = tmp_path / "file" / "run"
     error = one_error_line(runs.run(workdir))
     assert error == f"error: cannot write in {workdir} (Not a directory); make it writable or pass another --workdir"
+
+
+def test_checkpoint_dir_probe_creates_nothing(tmp_path):
+    """The checkpoint directory's probe writes in its nearest existing parent: nothing is created, so no empty
+    directory is left behind and processes sharing a workdir cannot remove it under one another."""
+    require_writable(str(tmp_path / "a" / "checkpoints"), "--config.checkpoint_dir", keep=False)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"^cannot write in .*/file/checkpoints \(Not a directory\); make it "
+                                              r"writable or pass another --config.checkpoint_dir$"):
+        require_writable(str(tmp_path / "file" / "checkpoints"), "--config.checkpoint_dir", keep=False)
