@@ -402,6 +402,7 @@ def placement(args) -> None:
     """Mod vs range placement on the data's uid / item ids: max owner bucket / mean, per device shard."""
     import numpy as np
     from din_jax import sharded_tables, train
+    from din_jax.embedding import table_ids_host
     from input_pipeline import batches as batches_lib
     print("\n## Placement balance: max owner bucket / mean bucket of a device's unique ids "
           f"({args.placement_batches} batches of N x {args.per_process})\n")
@@ -420,7 +421,7 @@ def placement(args) -> None:
                 size = batch["weight"].shape[0] // n
                 for k in range(n):
                     shard = {c: v[k * size:(k + 1) * size] for c, v in batch.items()}
-                    ids = np.unique(sharded_tables.touched_ids_numpy(shard, table))
+                    ids = np.unique(table_ids_host(shard, table, rows))
                     ids = ids[ids < rows]
                     if not len(ids):  # a shard of the epoch's padded last batch
                         continue

@@ -72,7 +72,7 @@ class WorkQueueFeed:
             yield self._build(self.units[unit], unit)
 
     def _prepare(self, contribution: Contribution) -> dict:
-        return self._trainer.prepare(contribution.batch, self.pack_size)
+        return self._trainer.prepare(contribution.batch, self.pack_size, train=True)
 
     def next(self) -> tuple[Contribution, Any]:
         """This process's share of the next step: a claimed unit, or an empty share (not ready yet / none left)."""

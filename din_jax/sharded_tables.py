@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from din_jax.embedding import gather_rows
+from din_jax.embedding import gather_rows, table_ids_host
 from din_jax.model import TABLES, lookup_columns
 
 Array = jax.Array
@@ -138,17 +138,6 @@ def without_capacities(batch: Mapping[str, Array]) -> dict[str, Array]:
     return {k: v for k, v in batch.items() if not k.endswith(CAPACITY)}
 
 
-def touched_ids_numpy(batch: Mapping[str, np.ndarray], table: str) -> np.ndarray:
-    """The ids of `table` a numpy batch (or batch shard) really looks up: real rows, real history positions."""
-    real = batch["weight"] > 0
-    parts = []
-    for column in lookup_columns(table):
-        values = np.asarray(batch[column])
-        keep = (batch["hist_mask"] & real[:, None]) if column.startswith("hist_") else real
-        parts.append(values[keep])
-    return np.concatenate(parts)
-
-
 def bucket_counts(batch: Mapping[str, np.ndarray], tables: Iterable[str], table_rows: Mapping[str, int],
                   shards: int, local_shards: int) -> dict[str, int]:
     """Per routed table, the fullest owner bucket of any of this process's `local_shards` batch shards."""
@@ -159,7 +148,7 @@ def bucket_counts(batch: Mapping[str, np.ndarray], tables: Iterable[str], table_
         for k in range(local_shards):
             shard = {c: v[k * size:(k + 1) * size] for c, v in batch.items()
                      if c in ("weight", "hist_mask") or c in lookup_columns(table)}
-            ids = np.unique(touched_ids_numpy(shard, table))
+            ids = np.unique(table_ids_host(shard, table, table_rows[table]))
             ids = ids[ids < table_rows[table]]
             most = max(most, int(np.bincount(ids % shards, minlength=shards).max(initial=0)))
         fullest[table] = most

@@ -27,7 +27,8 @@ from din_jax import config_check, jsonfile, parallel, plots
 from din_jax import incremental as incremental_lib
 from din_jax.metrics import StreamingMetrics
 from din_jax import sharded_tables
-from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, initialise_rows, row_lookups, scatter_rows,
+from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, host_row_lookups, initialise_rows,
+                               pop_host_lookups, row_lookups, scatter_rows,
                                split_tables, touched_ids, unique_ids)
 from din_jax.feed import QUEUE_DONE, WorkQueueFeed
 from din_jax import ev
@@ -216,6 +217,7 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     """
     n = max(micro_batch, 1)
     specs = dict(model.table_specs)
+    batch, host_lookups = pop_host_lookups(batch)
     batch, state = _initialise_admitted_rows(optimizer, defaults, batch, state)
     # The loss is the mean over the whole global batch.
     examples = jax.lax.psum(jnp.sum(batch["weight"]), axis_name)
@@ -226,7 +228,8 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
         batch, lookups, rows, routes = _sharded_lookups(model, tables, batch, routed, axis_name)
         table_params = _table_stand_ins(model, tables)
     elif sparse:
-        lookups = global_row_lookups(batch, {k: v.shape[0] for k, v in tables.items()}, axis_name, specs)
+        lookups = host_lookups or global_row_lookups(batch, {k: v.shape[0] for k, v in tables.items()}, axis_name,
+                                                     specs)
         rows = {k: gather_rows(tables[k], lookups[k].ids) for k in tables}
         table_params = tables
     if sparse:
@@ -529,7 +532,7 @@ class _PlanSource:
         self._whole = trainer.host.stateful or bool(config.incremental_ckpt)
         items = _train_items(split, config, trainer, first_step, whole=self._whole)
         prepare = ((lambda item: item.batch) if self._map  # noqa: E731
-                   else (lambda item: trainer.prepare(item.batch, item.pack_size)))
+                   else (lambda item: trainer.prepare(item.batch, item.pack_size, train=True)))
         self._batches: Iterator[tuple[_Item, Batch]] = (
             Prefetcher(items, prepare, config.prefetch_depth, transfer=not self._map) if config.smartstaged
             else ((item, prepare(item)) for item in items))
@@ -540,7 +543,7 @@ class _PlanSource:
         if self._map:
             mapped = self._trainer.host.map_batch(prepared, self._step, train=True)
             prepared = self._trainer.prepare(self._trainer.local_share(mapped) if self._whole else mapped,
-                                             item.pack_size)
+                                             item.pack_size, train=True)
         self._step += 1
         return item.examples, prepared
 
@@ -642,6 +645,7 @@ class Trainer:
     routed: tuple[str, ...] | None = None  # tables split over `data` (config.shard_embeddings); None: replicated
     host: HostEmbeddings | None = None  # ids -> table rows on the host (embedding kinds, din_jax.host_embeddings)
     jit_caught_up_tables: Any = None  # state -> its exact-Adam tables with every row up to date; None: none lag
+    host_lookups: bool = False  # train batches carry their row lookups, found on the host (one device, row-sparse)
 
     def readable(self, state: TrainState) -> TrainState:
         """`state` as evaluation, plots and export read it: every table row as the whole-table rule has it.
@@ -685,20 +689,24 @@ class Trainer:
         fullest = int(rows.reshape(self.mesh.size, -1).sum(axis=1).max())
         return max(packed_size(fullest, self.pack_granularity, batch_size // self.mesh.size * width), self.pack_floor)
 
-    def prepare(self, batch: Batch, pack_size: int = 0) -> Batch:
+    def prepare(self, batch: Batch, pack_size: int = 0, train: bool = False) -> Batch:
         """The batch as the jitted steps take it, still numpy; cheap host work.
 
         With packing, each of this process's batch shards gets its own 'hist_index' (indices into the
         shard's own positions, as the device sees them), all padded to one size: at least `pack_size`,
         which every process must pass alike (Trainer.pack_size), and at least pack_floor.
+        A `train` batch for a single-device row-sparse step also gets its row lookups (embedding.host_row_lookups).
         """
-        if not self.pack_granularity:
-            return batch
-        masks = np.split(batch["hist_mask"], parallel.local_shards(self.mesh))
-        size = max([pack_size, self.pack_floor] + [packed_size(int(m.sum()), self.pack_granularity, m.size)
-                                                  for m in masks])
-        index = [pack_history({"hist_mask": m}, self.pack_granularity, size)["hist_index"] for m in masks]
-        return {**batch, "hist_index": np.concatenate(index)}
+        if self.pack_granularity:
+            masks = np.split(batch["hist_mask"], parallel.local_shards(self.mesh))
+            size = max([pack_size, self.pack_floor] + [packed_size(int(m.sum()), self.pack_granularity, m.size)
+                                                      for m in masks])
+            index = [pack_history({"hist_mask": m}, self.pack_granularity, size)["hist_index"] for m in masks]
+            batch = {**batch, "hist_index": np.concatenate(index)}
+        if train and self.host_lookups:
+            sizes = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
+            batch = {**batch, **host_row_lookups(batch, sizes, dict(self.model.table_specs))}
+        return batch
 
     def plan_capacities(self, local_batches: Iterator[Batch]) -> dict[str, int]:
         """The routed tables' all-to-all capacities for a run of batches (an epoch, an evaluation): the fullest owner
@@ -759,7 +767,8 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch, prepared: bool = False
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step (see the module-level train_step); `prepared` batches skip `prepare`."""
-        return self.jit_train_step(state, self.device_batch(self._routable(batch if prepared else self.prepare(batch))))
+        batch = batch if prepared else self.prepare(batch, train=True)
+        return self.jit_train_step(state, self.device_batch(self._routable(batch)))
 
     def eval_step(self, state: TrainState, batch: Batch) -> jax.Array:
         """Click probabilities [B] of the global batch, on every process; pass `readable(state)` (exact Adam)."""
@@ -807,7 +816,7 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     caught_up = (jax.jit(functools.partial(caught_up_tables, optimizer))
                  if config.sparse_embeddings and optimizer.catches_up else None)
     return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, routed=routed, host=host,
-                   jit_caught_up_tables=caught_up)
+                   jit_caught_up_tables=caught_up, host_lookups=config.sparse_embeddings and mesh.size == 1)
 
 
 def caught_up_tables(optimizer: Optimizer, state: TrainState) -> dict[str, jax.Array]:

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from din_jax import train
-from din_jax.embedding import row_lookups, unique_ids
+from din_jax.embedding import host_row_lookups, pop_host_lookups, row_lookups, unique_ids
+from din_jax.packing import pack_history, packed_size
 
 VOCAB = {"uid": 40, "mid": 60, "cat": 9}
 B, T = 16, 7
@@ -110,6 +111,24 @@ def test_padding_and_masked_positions_touch_no_row():
     want_mids = np.unique(np.r_[batch["mid"][real], batch["hist_mids"][real[:, None] & batch["hist_mask"]]])
     got = np.asarray(lookups["mid_table"].ids)
     np.testing.assert_array_equal(got[got < VOCAB["mid"]], want_mids)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("vocab", [VOCAB, {"uid": 5_000, "mid": 9_000, "cat": 9}])  # presence maps; sorts
+def test_host_row_lookups_equal_the_steps_own(packed, vocab):
+    """A single-device step takes its unique ids and inverse from the host: they must be the step's own, padding
+    rows, masked and packing positions included."""
+    batch = batches(1, seed=4)[0]
+    batch["mid"][:3] = batch["hist_mids"][0, 0]  # repeats across columns
+    if packed:
+        mask = batch["hist_mask"]
+        batch["hist_index"] = pack_history(batch, 8, packed_size(int(mask.sum()), 8, mask.size) + 8)["hist_index"]
+    sizes = {f"{name}_table": size for name, size in vocab.items()}
+    host, device = pop_host_lookups({**batch, **host_row_lookups(batch, sizes)})[1], row_lookups(batch, sizes)
+    for table, want in device.items():
+        assert host[table].ids.dtype == np.int32 and host[table].inverse.dtype == np.int32
+        np.testing.assert_array_equal(host[table].ids, want.ids, err_msg=table)
+        np.testing.assert_array_equal(host[table].inverse, want.inverse, err_msg=table)
 
 
 @pytest.mark.parametrize("sparse", [True, False])
