@@ -114,7 +114,7 @@ def test_padding_and_masked_positions_touch_no_row():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("vocab", [VOCAB, {"uid": 5_000, "mid": 9_000, "cat": 9}])  # presence maps; sorts
+@pytest.mark.parametrize("vocab", [VOCAB, {"uid": 5_000, "mid": 20_000, "cat": 9}])  # presence maps; sorts
 def test_host_row_lookups_equal_the_steps_own(packed, vocab):
     """A single-device step takes its unique ids and inverse from the host: they must be the step's own, padding
     rows, masked and packing positions included."""
