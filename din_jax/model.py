@@ -408,6 +408,8 @@ def history_positions(batch: Mapping[str, Array]) -> tuple[Array, Array]:
     promise sorted indices (XLA on GPU relies on that promise).
     """
     batch_size, seq_len = batch["hist_mids"].shape
+    if "hist_segment" in batch:  # packed on the host with its segments (din_jax.packing)
+        return batch["hist_index"], batch["hist_segment"]
     if "hist_index" in batch:
         flat = batch["hist_index"]
     else:

@@ -18,17 +18,22 @@ def packed_size(num_positions: int, granularity: int, capacity: int) -> int:
 
 
 def pack_history(batch: dict[str, np.ndarray], granularity: int, floor: int = 0) -> dict[str, np.ndarray]:
-    """`batch` plus 'hist_index' int32 [P]: flat indices of its real history positions, padded with B*T.
+    """`batch` plus 'hist_index' int32 [P]: flat indices of its real history positions, padded with B*T; and
+    'hist_segment' int32 [P]: each position's example, B for padding.
 
     P is at least `floor`: a training loop passes the largest size its epoch needs, so that every
-    batch has the same shape and the step compiles once.
+    batch has the same shape and the step compiles once. The segments are the indices // T, sent rather than
+    divided on the device, where XLA:CPU fused that integer division into every elementwise op over the positions.
     """
+    batch_size, seq_len = batch["hist_mask"].shape
     mask = batch["hist_mask"].reshape(-1)
     positions = np.flatnonzero(mask)
     size = min(max(packed_size(len(positions), granularity, mask.size), floor), mask.size)
     index = np.full(size, mask.size, np.int32)
     index[:len(positions)] = positions
-    return {**batch, "hist_index": index}
+    segment = np.full(size, batch_size, np.int32)
+    segment[:len(positions)] = positions // seq_len
+    return {**batch, "hist_index": index, "hist_segment": segment}
 
 
 def epoch_pack_size(plan_lengths: list[np.ndarray], granularity: int, capacity: int) -> int:

@@ -701,8 +701,8 @@ class Trainer:
             masks = np.split(batch["hist_mask"], parallel.local_shards(self.mesh))
             size = max([pack_size, self.pack_floor] + [packed_size(int(m.sum()), self.pack_granularity, m.size)
                                                       for m in masks])
-            index = [pack_history({"hist_mask": m}, self.pack_granularity, size)["hist_index"] for m in masks]
-            batch = {**batch, "hist_index": np.concatenate(index)}
+            packed = [pack_history({"hist_mask": m}, self.pack_granularity, size) for m in masks]
+            batch = {**batch, **{k: np.concatenate([p[k] for p in packed]) for k in ("hist_index", "hist_segment")}}
         if train and self.host_lookups:
             sizes = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
             batch = {**batch, **host_row_lookups(batch, sizes, dict(self.model.table_specs))}
