@@ -8,6 +8,8 @@ so N processes together see exactly the batches one process would.
 
 from __future__ import annotations
 
+import dataclasses
+import mmap
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -15,6 +17,9 @@ import numpy as np
 from input_pipeline.dien import EncodedSplit
 
 KEEP_CHOICES = ("first", "last")
+# Batches between two releases of a memory-mapped split's pages (release_mapped_pages): 8 random batches of 512
+# touch at most ~30k pages (~120 MB) of an every-event split's columns.
+RELEASE_EVERY_BATCHES = 8
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
@@ -151,8 +156,33 @@ def _batches(split: EncodedSplit, plan: Plan, batch_size: int, keep: str, shard_
     _check_sharding(batch_size, shard_index, shard_count)
     per_shard = batch_size // shard_count
     first = shard_index * per_shard
-    return (make_batch(split, indices[first:first + per_shard], width, keep, batch_size=per_shard)
-            for indices, width in plan)
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for count, (indices, width) in enumerate(plan, start=1):
+            yield make_batch(split, indices[first:first + per_shard], width, keep, batch_size=per_shard)
+            if count % RELEASE_EVERY_BATCHES == 0:
+                release_mapped_pages(split)
+    return batches()
+
+
+def release_mapped_pages(split: EncodedSplit) -> None:
+    """Unmaps the pages that reading left resident in `split`'s read-only memory-mapped columns (MADV_DONTNEED).
+
+    Random batches over an every-event split touch pages all over columns of several GB; each page read
+    stays in the process's resident set until released, so an epoch would end with every column resident
+    (9.8 GB at 177M samples). Released pages stay in the kernel's page cache: the next read maps one
+    again without I/O. Columns in RAM (text and Parquet splits) are left alone.
+    """
+    released = set()
+    for field in dataclasses.fields(split):
+        array = getattr(split, field.name)
+        base = array
+        while isinstance(base, np.ndarray):
+            base = base.base
+        if (isinstance(base, mmap.mmap) and not base.closed and id(base) not in released
+                and isinstance(array, np.ndarray) and not array.flags.writeable):  # never a copy-on-write map
+            base.madvise(mmap.MADV_DONTNEED)
+            released.add(id(base))
 
 
 def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,30 @@ def test_shards_concatenated_equal_the_unsharded_batches(make, shard_count):
 def test_batch_size_not_divisible_by_shard_count_is_refused():
     with pytest.raises(ValueError, match="batch_size 6 must be divisible by shard_count 4"):
         batches.eval_batches(LARGE, 6, 4, shard_index=0, shard_count=4)
+
+
+def _mapped_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split()[0] and len(line.split()) >= 5:  # a mapping's header line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_reading_a_memory_mapped_split_leaves_its_pages_released(tmp_path):
+    """Every RELEASE_EVERY_BATCHES batches the pages that reading a memory-mapped split made resident are
+    unmapped again, so an epoch over columns of many GB does not grow the resident set by their size."""
+    split = make_split([3, 0, 5, 2] * 256)
+    path = tmp_path / "hist_mids.npy"
+    np.save(path, np.repeat(split.hist_mids, 512))  # ~5 MB, all of it read below
+    mapped = np.load(path, mmap_mode="r")
+    split = dataclasses.replace(split, hist_mids=mapped)
+    assert float(mapped[::1024].sum()) > 0 and _mapped_kb(path) > 4_000
+    batch_list = list(batches.train_batches(split, 64, 4, seed=0, epoch=0))
+    assert len(batch_list) % batches.RELEASE_EVERY_BATCHES == 0  # the last batch is followed by a release
+    assert _mapped_kb(path) == 0
+    assert float(mapped[::1024].sum()) > 0 and _mapped_kb(path) > 4_000  # readable as before, pages come back
