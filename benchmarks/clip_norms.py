@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     config = default.get_config()
     data = train.load_data(config, args.workdir)
-    trainer = train.create_trainer(config, data.vocabs.sizes)
+    trainer = train.create_trainer(config, data.vocab_sizes)
     state = trainer.init_state(config)
     if args.checkpoints:
         checkpointer = checkpoint_lib.Checkpointer(args.checkpoints, 0, 1)

@@ -32,7 +32,7 @@ KINDS = {"ev": {"ev": True}, "adaptive": {"embeddings.uid": "adaptive", "embeddi
 def mapping_ms(config, data, batch_size: int, batches: int, warmup: int) -> float:
     """Median ms of map_batch over the epoch's first `batches` global batches of `batch_size` (after `warmup`)."""
     config.batch_size = batch_size
-    trainer = train.create_trainer(config, data.vocabs.sizes, raw_ids=data.raw_ids, id_sizes=data.id_sizes)
+    trainer = train.create_trainer(config, data.vocab_sizes, raw_ids=data.raw_ids, id_sizes=data.id_sizes)
     stream = batches_lib.train_batches(data.train, batch_size, config.max_seq_length, seed=config.seed, epoch=0,
                                        keep=config.history_keep)
     times = []

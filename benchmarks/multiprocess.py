@@ -123,7 +123,7 @@ def worker(args) -> None:
     n = mesh.size
     config = _config(args, args.mode, args.per_process * n)
     data = train.load_data(config, args.workdir)
-    trainer = train.create_trainer(config, data.vocabs.sizes, mesh, data.raw_ids, data.id_sizes)
+    trainer = train.create_trainer(config, data.vocab_sizes, mesh, data.raw_ids, data.id_sizes)
     trainer = dataclasses.replace(trainer, pack_floor=train._pack_floor(data.train, config, trainer))
     state = trainer.init_state(config)
     item = next(train._train_items(data.train, config, trainer, 0))
@@ -132,7 +132,7 @@ def worker(args) -> None:
     b_s = args.per_process
     p_s = prepared["hist_index"].shape[0] // parallel.local_shards(mesh)
     _, dense = split_tables(state.params)
-    out = {"devices": n, "ops": hlo_collectives(hlo), "vocab": dict(data.vocabs.sizes),
+    out = {"devices": n, "ops": hlo_collectives(hlo), "vocab": dict(data.vocab_sizes),
            "lookups": {"uid_table": b_s, "mid_table": b_s + p_s, "cat_table": b_s + p_s},
            "capacity": {t: prepared[t + "/capacity"].shape[0] // parallel.local_shards(mesh)
                         for t in TABLES if t + "/capacity" in prepared},
@@ -269,8 +269,8 @@ def capacities_at(args, hosts: int) -> dict[str, int]:
     from input_pipeline import batches as batches_lib
     config = _config(args, "sharded", hosts * args.per_process)
     data = train.load_data(config, args.workdir)
-    tables = sharded_tables.routed_tables(data.vocabs.sizes, config.shard_min_rows)
-    rows = {t: data.vocabs.sizes[t.removesuffix("_table")] for t in tables}
+    tables = sharded_tables.routed_tables(data.vocab_sizes, config.shard_min_rows)
+    rows = {t: data.vocab_sizes[t.removesuffix("_table")] for t in tables}
     fullest = dict.fromkeys(tables, 0)
     for batch in batches_lib.train_batches(data.train, config.batch_size, config.max_seq_length, seed=config.seed,
                                            epoch=0, keep=config.history_keep):
@@ -416,7 +416,7 @@ def placement(args) -> None:
                                             epoch=0, keep=config.history_keep)
         for _, batch in zip(range(args.placement_batches), batches):
             for table in ("uid_table", "mid_table"):
-                rows = data.vocabs.sizes[table.removesuffix("_table")]
+                rows = data.vocab_sizes[table.removesuffix("_table")]
                 q = sharded_tables.rows_per_shard(rows, n)
                 size = batch["weight"].shape[0] // n
                 for k in range(n):

@@ -9,11 +9,11 @@ so N processes together see exactly the batches one process would.
 from __future__ import annotations
 
 import dataclasses
-import mmap
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from input_pipeline import mapped
 from input_pipeline.dien import EncodedSplit
 
 KEEP_CHOICES = ("first", "last")
@@ -166,23 +166,8 @@ def _batches(split: EncodedSplit, plan: Plan, batch_size: int, keep: str, shard_
 
 
 def release_mapped_pages(split: EncodedSplit) -> None:
-    """Unmaps the pages that reading left resident in `split`'s read-only memory-mapped columns (MADV_DONTNEED).
-
-    Random batches over an every-event split touch pages all over columns of several GB; each page read
-    stays in the process's resident set until released, so an epoch would end with every column resident
-    (9.8 GB at 177M samples). Released pages stay in the kernel's page cache: the next read maps one
-    again without I/O. Columns in RAM (text and Parquet splits) are left alone.
-    """
-    released = set()
-    for field in dataclasses.fields(split):
-        array = getattr(split, field.name)
-        base = array
-        while isinstance(base, np.ndarray):
-            base = base.base
-        if (isinstance(base, mmap.mmap) and not base.closed and id(base) not in released
-                and isinstance(array, np.ndarray) and not array.flags.writeable):  # never a copy-on-write map
-            base.madvise(mmap.MADV_DONTNEED)
-            released.add(id(base))
+    """Unmaps the pages reading left resident in `split`'s memory-mapped columns (input_pipeline.mapped)."""
+    mapped.release_pages(*(getattr(split, field.name) for field in dataclasses.fields(split)))
 
 
 def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,

@@ -51,6 +51,7 @@ from typing import IO, Callable, Iterable, Iterator
 
 import numpy as np
 
+from input_pipeline import mapped
 from input_pipeline.errors import bad_file
 from input_pipeline.textio import atomic_files
 
@@ -410,12 +411,14 @@ def load_columns(data_dir: str | os.PathLike, split: str, vocabs: dict[str, dict
         "mid": (np.int32, _mapped(ids["mid"], column(f"{split}_mid"))),
         "cat": (np.int32, _mapped(ids["cat"], column(f"{split}_cat"))),
         "hist_start": (np.int64, _mapped(offsets, user))})
+    mapped.release_pages(offsets)  # read at random while building the cache
     return {**encoded, "hist_lengths": position, "user": user}
 
 
 def _mapped(table: np.ndarray | None, codes: np.ndarray) -> tuple[int, Callable[[], Iterator[np.ndarray]]]:
-    """(rows, chunks of table[codes]) read a chunk at a time; table None: the codes as they are."""
-    return len(codes), lambda: (codes[rows] if table is None else table[codes[rows]] for rows in chunks(len(codes)))
+    """(rows, chunks of table[codes]) read a chunk at a time, the pages of `codes` released after each
+    (input_pipeline.mapped); table None: the codes as they are."""
+    return len(codes), lambda: (part if table is None else table[part] for part in mapped.chunks(codes))
 
 
 def _cached(directory: str, columns: dict[str, tuple]) -> dict[str, np.ndarray]:

@@ -169,3 +169,19 @@ def test_reading_a_memory_mapped_split_leaves_its_pages_released(tmp_path):
     assert len(batch_list) % batches.RELEASE_EVERY_BATCHES == 0  # the last batch is followed by a release
     assert _mapped_kb(path) == 0
     assert float(mapped[::1024].sum()) > 0 and _mapped_kb(path) > 4_000  # readable as before, pages come back
+
+
+def test_a_sequential_pass_over_a_mapped_column_leaves_no_page_resident(tmp_path, monkeypatch):
+    """input_pipeline.mapped.chunks (the loader's cache build, the pack-size pass): pages released chunk by chunk."""
+    from input_pipeline import mapped
+    path = tmp_path / "column.npy"
+    np.save(path, np.arange(4_000_000, dtype=np.int32))  # 16 MB
+    column = np.load(path, mmap_mode="r")
+    monkeypatch.setattr(mapped, "CHUNK_ROWS", 500_000)
+    total, most = 0, 0
+    for part in mapped.chunks(column):
+        total += int(part.sum())
+        most = max(most, _mapped_kb(path))
+    assert total == 4_000_000 * 3_999_999 // 2  # every row read once
+    # A 2 MB chunk (and the kernel's fault-around) at a time, never the whole 16 MB; nothing once done.
+    assert 1_000 < most < 6_000 and _mapped_kb(path) == 0

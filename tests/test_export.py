@@ -61,7 +61,7 @@ def test_file(run):
 def eval_step_probabilities(run) -> np.ndarray:
     """The training code's probabilities of the test split, in file order, from the run's checkpoint."""
     config, workdir, data = run
-    trainer = train.create_trainer(config, data.vocabs.sizes)
+    trainer = train.create_trainer(config, data.vocab_sizes)
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), 0, 1)
     state = trainer.readable(checkpointer.restore_latest(trainer.init_state(config)))  # as evaluation reads it
     checkpointer.close()
@@ -105,7 +105,7 @@ def test_export_directory_layout_and_manifest(model_dir, run):
     assert manifest["inputs"]["weight"] == {"dtype": "float32", "shape": ["B"]}
     with open(os.path.join(model_dir, "vocabularies.json")) as f:
         tokens = json.load(f)
-    assert {token: i for i, token in enumerate(tokens["mid"])} == run[2].vocabs.mid
+    assert {token: i for i, token in enumerate(tokens["mid"])} == dien.load_vocabularies(run[2].data_dir).mid
     assert not [name for name in os.listdir(os.path.dirname(model_dir)) if name != "model"]  # no temporary left
 
 
@@ -120,7 +120,7 @@ def test_predict_scores_equal_the_eval_step_on_the_test_split(model, run, test_f
 
 
 def test_predict_counts_the_tokens_unknown_to_the_model(model, run, test_file, tmp_path):
-    vocabs = run[2].vocabs
+    vocabs = dien.load_vocabularies(run[2].data_dir)
     lines = open(test_file).read().splitlines()
     unseen = "1\tnew_user\tnew_item\tnew_cat\tnew_item2\x02" + lines[0].split("\t")[2] + "\tnew_cat\x02" + \
         lines[0].split("\t")[3]
@@ -175,7 +175,8 @@ def test_one_export_serves_batches_of_1_3_and_7(model, test_file):
 
 def test_histories_are_encoded_and_cut_as_training_batches_them(run, test_file):
     config, _, data = run
-    encoder = Encoder.from_vocabularies({"uid": data.vocabs.uid, "mid": data.vocabs.mid, "cat": data.vocabs.cat})
+    vocabs = dien.load_vocabularies(data.data_dir)
+    encoder = Encoder.from_vocabularies({"uid": vocabs.uid, "mid": vocabs.mid, "cat": vocabs.cat})
     examples = read_examples(test_file)
     for keep in ("first", "last"):
         ours = make_batch(examples, encoder, 5, keep, size=len(examples) + 2)
@@ -310,7 +311,7 @@ def train_kind_run(config, workdir: str):
     """KIND_STEPS train steps through the trainer's host mappings, then a checkpoint with their state (as
     training saves it) and the workdir's config.json: (data, trainer, state)."""
     data = train.load_data(config, workdir)
-    trainer = train.create_trainer(config, data.vocabs.sizes, raw_ids=data.raw_ids, id_sizes=data.id_sizes)
+    trainer = train.create_trainer(config, data.vocab_sizes, raw_ids=data.raw_ids, id_sizes=data.id_sizes)
     state = trainer.init_state(config)
     stream = batches_lib.train_batches(data.train, config.batch_size, config.max_seq_length, seed=config.seed,
                                        epoch=0, keep=config.history_keep)
@@ -415,7 +416,8 @@ def test_unseen_tokens_score_as_the_eval_step_reads_them(kind_run):
                 *known[3:]]
     # The training side: the run's encoding extended by the new tokens, hashed as load_data hashes raw ids
     # (vocabulary-keyed features map ids past the vocabulary to 0).
-    encoding = dien.open_vocabularies(data.data_dir, data.vocabs) if data.raw_ids else data.vocabs
+    vocabs = dien.load_vocabularies(data.data_dir)
+    encoding = dien.open_vocabularies(data.data_dir, vocabs) if data.raw_ids else vocabs
     extended = {}
     for column in ("uid", "mid", "cat"):
         vocab = dict(getattr(encoding, column))
