@@ -467,7 +467,7 @@ def _items(split: dien.EncodedSplit, plan: batches_lib.Plan, local: Iterator[Bat
            batch_size: int) -> Iterator[_Item]:
     """This process's batches of `plan`, each with what every process must agree on for it."""
     for batch, (indices, width) in zip(local, plan):
-        yield _Item(batch, trainer.pack_size(split.hist_lengths[indices], batch_size, width), len(indices))
+        yield _Item(batch, trainer.pack_size(mapped.take(split.hist_lengths, indices), batch_size, width), len(indices))
 
 
 def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,

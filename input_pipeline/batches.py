@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from input_pipeline import mapped
+from input_pipeline import mapped, permutation
 from input_pipeline.dien import EncodedSplit
 
 KEEP_CHOICES = ("first", "last")
@@ -43,20 +43,19 @@ def make_batch(split: EncodedSplit, indices: np.ndarray, max_seq_length: int, ke
     size = n if batch_size is None else batch_size
     if n > size:
         raise ValueError(f"{n} indices do not fit in a batch of {size}")
-    starts = split.hist_start[indices]
-    lengths = split.hist_lengths[indices].astype(np.int64)
+    starts = mapped.take(split.hist_start, indices).astype(np.int64)
+    lengths = mapped.take(split.hist_lengths, indices).astype(np.int64)
     if keep == "last":
         starts = starts + np.maximum(lengths - max_seq_length, 0)
-    positions = np.arange(max_seq_length)
+    kept = np.minimum(lengths, max_seq_length)
     mask = np.zeros((size, max_seq_length), bool)
-    mask[:n] = positions < lengths[:, None]  # [n, T]
-    gather = (starts[:, None] + positions)[mask[:n]]
+    mask[:n] = np.arange(max_seq_length) < kept[:, None]  # [n, T]
     return {
         "uid": _padded(split.uid, indices, size),
         "mid": _padded(split.mid, indices, size),
         "cat": _padded(split.cat, indices, size),
-        "hist_mids": _scattered(split.hist_mids, gather, mask),
-        "hist_cats": _scattered(split.hist_cats, gather, mask),
+        "hist_mids": _scattered(mapped.take_runs(split.hist_mids, starts, kept), mask),
+        "hist_cats": _scattered(mapped.take_runs(split.hist_cats, starts, kept), mask),
         "hist_mask": mask,
         "label": _padded(split.label, indices, size),
         "weight": (np.arange(size) < n).astype(np.float32),
@@ -67,14 +66,14 @@ def make_batch(split: EncodedSplit, indices: np.ndarray, max_seq_length: int, ke
 def _padded(column: np.ndarray, indices: np.ndarray, size: int) -> np.ndarray:
     """column[indices] followed by zeros up to `size` rows."""
     out = np.zeros(size, column.dtype)
-    out[:len(indices)] = column[indices]
+    out[:len(indices)] = mapped.take(column, indices)
     return out
 
 
-def _scattered(values: np.ndarray, gather: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A [B, T] int32 array holding values[gather] at the True positions of `mask`, 0 elsewhere."""
+def _scattered(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A [B, T] int32 array holding `values` at the True positions of `mask` (row by row), 0 elsewhere."""
     out = np.zeros(mask.shape, np.int32)
-    out[mask] = values[gather]
+    out[mask] = values
     return out
 
 
@@ -99,7 +98,11 @@ def bucket_widths(split: EncodedSplit, max_seq_length: int, boundaries: Sequence
     return widths[np.searchsorted(widths, lengths)]
 
 
-Plan = list[tuple[np.ndarray, int]]  # (example indices of a global batch, its history width T)
+# (example indices of a global batch, its history width T) per batch: a list, or a permutation.ShuffledPlan
+Plan = Sequence[tuple[np.ndarray, int]]
+# Splits of more samples shuffle with a keyed permutation evaluated batch by batch (input_pipeline.permutation)
+# instead of holding an index permutation (4 bytes a sample: 67 MB here, 0.7 GB at Taobao's 177M samples).
+LARGEST_PERMUTATION = 1 << 24
 
 
 def _chunks(order: np.ndarray, batch_size: int, width: int) -> Plan:
@@ -119,8 +122,11 @@ def train_plan(split: EncodedSplit, batch_size: int, max_seq_length: int, *, see
 
     With bucket boundaries, examples are grouped by history length, shuffled within their bucket,
     cut into batches (each padded only to its bucket's width), and the batches shuffled; the math
-    per example is unchanged (padding is masked), the work per batch shrinks.
+    per example is unchanged (padding is masked), the work per batch shrinks. Without boundaries, a split of
+    more than LARGEST_PERMUTATION examples gets a permutation.ShuffledPlan (O(1) memory) instead of numpy's.
     """
+    if not boundaries and len(split) > LARGEST_PERMUTATION:
+        return permutation.shuffled_plan(len(split), batch_size, max_seq_length, (seed, epoch))
     rng = np.random.default_rng((seed, epoch))
     if not boundaries:
         return _chunks(_permutation(rng, len(split)), batch_size, max_seq_length)
@@ -167,7 +173,12 @@ def _batches(split: EncodedSplit, plan: Plan, batch_size: int, keep: str, shard_
 
 def release_mapped_pages(split: EncodedSplit) -> None:
     """Unmaps the pages reading left resident in `split`'s memory-mapped columns (input_pipeline.mapped)."""
-    mapped.release_pages(*(getattr(split, field.name) for field in dataclasses.fields(split)))
+    mapped.release_pages(*_columns(split))
+
+
+def _columns(split: EncodedSplit) -> list[np.ndarray]:
+    """Every column of `split`."""
+    return [getattr(split, field.name) for field in dataclasses.fields(split)]
 
 
 def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,
@@ -177,7 +188,7 @@ def train_batches(split: EncodedSplit, batch_size: int, max_seq_length: int, *, 
 
     `start_batch` skips the epoch's first batches without building them (resuming mid-epoch);
     `boundaries` enables length bucketing (see train_plan). `plan`: this epoch's train_plan, when the caller
-    already holds it (an epoch's permutation is 4 bytes a sample: 0.7 GB at 177M samples, so hold one).
+    already holds it (building one takes a pass over the epoch: hold one).
     """
     if plan is None:
         plan = train_plan(split, batch_size, max_seq_length, seed=seed, epoch=epoch, boundaries=boundaries)

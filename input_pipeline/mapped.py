@@ -10,6 +10,7 @@ a page again without I/O. Arrays held in RAM are left alone.
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Iterator
 
 import numpy as np
@@ -19,15 +20,66 @@ CHUNK_ROWS = 1 << 22  # rows per chunk of a sequential pass
 
 def release_pages(*arrays: np.ndarray) -> None:
     """Unmaps the resident pages of each array's read-only memory map (once per map)."""
-    released = set()
+    _advise(arrays, mmap.MADV_DONTNEED)
+
+
+def take(column: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """column[indices] (1-d); a whole memory-mapped .npy column is read with one pread per index instead.
+
+    Random reads through a map make whole page-cache folios resident: on this machine's kernel (6.18) 512 random
+    4-byte reads of a mapped column mapped ~400 MB, whatever madvise said (MADV_RANDOM, MADV_NOHUGEPAGE). pread
+    copies the bytes out of the page cache and maps nothing: ~1.7 us a read, ~6 ms for a batch's 3.6k.
+    """
+    source = _file_of(column)
+    if source is None:
+        return column[indices]
+    path, offset = source
+    size = column.dtype.itemsize
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = b"".join([os.pread(fd, size, offset + size * i) for i in np.asarray(indices).tolist()])
+    finally:
+        os.close(fd)
+    return np.frombuffer(data, column.dtype)
+
+
+def take_runs(column: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The runs column[start:start + length] one after another (histories); one pread per run for a whole
+    memory-mapped .npy column (see take)."""
+    source = _file_of(column)
+    if source is None:
+        positions = np.arange(int(lengths.max(initial=0)))
+        return column[(starts[:, None] + positions)[positions < lengths[:, None]]]
+    path, offset = source
+    size = column.dtype.itemsize
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = b"".join([os.pread(fd, size * n, offset + size * s)
+                         for s, n in zip(starts.tolist(), lengths.tolist()) if n])
+    finally:
+        os.close(fd)
+    return np.frombuffer(data, column.dtype)
+
+
+def _file_of(column: np.ndarray) -> tuple[str, int] | None:
+    """(path, data offset) of a read-only np.memmap over a whole file's array (np.load's), else None."""
+    if (type(column) is np.memmap and isinstance(column.base, mmap.mmap) and column.filename is not None
+            and not column.flags.writeable and column.ndim == 1):
+        return column.filename, column.offset
+    return None
+
+
+def _advise(arrays: tuple[np.ndarray, ...], advice: int) -> None:
+    """madvise(advice) on the read-only memory map under each array, once per map; arrays in RAM are skipped."""
+    done = set()
     for array in arrays:
         base = array
         while isinstance(base, np.ndarray):
             base = base.base
-        if (isinstance(base, mmap.mmap) and not base.closed and id(base) not in released
+        if (isinstance(base, mmap.mmap) and not base.closed and id(base) not in done
                 and not array.flags.writeable):  # read-only: never a copy-on-write map's private pages
-            base.madvise(mmap.MADV_DONTNEED)
-            released.add(id(base))
+            base.madvise(advice)
+            done.add(id(base))
 
 
 def chunks(array: np.ndarray) -> Iterator[np.ndarray]:
