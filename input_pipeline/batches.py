@@ -116,6 +116,13 @@ def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     return order
 
 
+def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order train_plan (without buckets) shuffles n examples into, as one array (the work queue's units)."""
+    if n > LARGEST_PERMUTATION:
+        return permutation.KeyedPermutation(n, (seed, epoch))(np.arange(n))
+    return _permutation(np.random.default_rng((seed, epoch)), n)
+
+
 def train_plan(split: EncodedSplit, batch_size: int, max_seq_length: int, *, seed: int, epoch: int,
                boundaries: Sequence[int] = ()) -> Plan:
     """An epoch's global batches, fixed by (seed, epoch); every example exactly once.

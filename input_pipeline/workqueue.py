@@ -15,6 +15,8 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from input_pipeline import batches
+
 
 class Counter(Protocol):
     """A counter shared by every process of a run."""
@@ -40,7 +42,7 @@ class LocalCounter:
 def epoch_units(num_examples: int, unit_size: int, *, seed: int, epoch: int) -> list[np.ndarray]:
     """The epoch's example indices, shuffled as batches.train_plan shuffles them (fixed by seed and epoch),
     cut into units of `unit_size` (the last one shorter)."""
-    order = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    order = batches.epoch_order(num_examples, seed=seed, epoch=epoch)
     return [order[start:start + unit_size] for start in range(0, num_examples, unit_size)]
 
 

@@ -21,6 +21,18 @@ def test_epoch_units_cover_the_shuffled_epoch_once_in_unit_sized_pieces():
     np.testing.assert_array_equal(np.concatenate(units), np.random.default_rng((1, 2)).permutation(10))
 
 
+def test_epoch_units_follow_the_train_plans_order_for_large_splits_too(monkeypatch):
+    from input_pipeline import batches
+    monkeypatch.setattr(batches, "LARGEST_PERMUTATION", 8)  # 10 examples: the keyed permutation
+    split = batches.EncodedSplit.from_offsets(np.zeros(11, np.int64), **{
+        name: np.zeros(10, dtype) for name, dtype in [("label", np.float32), ("uid", np.int32), ("mid", np.int32),
+                                                      ("cat", np.int32), ("hist_mids", np.int32),
+                                                      ("hist_cats", np.int32), ("user", np.int32)]})
+    plan = batches.train_plan(split, 4, 5, seed=1, epoch=2)
+    np.testing.assert_array_equal(np.concatenate(epoch_units(10, 4, seed=1, epoch=2)),
+                                  np.concatenate([indices for indices, _ in plan]))
+
+
 def test_a_slow_process_claims_fewer_units_and_every_unit_goes_to_exactly_one():
     counter, claimed = LocalCounter(), {}
 
