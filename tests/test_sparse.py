@@ -113,8 +113,8 @@ def test_padding_and_masked_positions_touch_no_row():
     np.testing.assert_array_equal(got[got < VOCAB["mid"]], want_mids)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("vocab", [VOCAB, {"uid": 5_000, "mid": 20_000, "cat": 9}])  # presence maps; sorts
+# Presence maps with packed positions, sorts with the [B, T] grid: each regime and each layout once.
+@pytest.mark.parametrize("packed, vocab", [(True, VOCAB), (False, {"uid": 5_000, "mid": 20_000, "cat": 9})])
 def test_host_row_lookups_equal_the_steps_own(packed, vocab):
     """A single-device step takes its unique ids and inverse from the host: they must be the step's own, padding
     rows, masked and packing positions included."""
@@ -131,7 +131,8 @@ def test_host_row_lookups_equal_the_steps_own(packed, vocab):
         np.testing.assert_array_equal(host[table].inverse, want.inverse, err_msg=table)
 
 
-@pytest.mark.parametrize("sparse", [True, False])
+# Dense slow: the whole-table reference path; its micro-batch scan is the row-sparse one's (same accumulate).
+@pytest.mark.parametrize("sparse", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_micro_batches_equal_the_large_batch(sparse):
     stream = batches(3, seed=2)
     whole = train_params(config_for(optimizer="adagrad", sparse_embeddings=sparse), stream)
@@ -139,7 +140,9 @@ def test_micro_batches_equal_the_large_batch(sparse):
     assert_trees_close(whole, micro, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["mixed_bf16", "bf16"])
+# mixed_bf16 slow: test_mixed_bf16_is_deeprecs_bf16_attention_in_fp32_top_mlp_in_bf16 checks its model, bf16 here
+# the train step with a non-fp32 dtype.
+@pytest.mark.parametrize("precision", [pytest.param("mixed_bf16", marks=pytest.mark.slow), "bf16"])
 def test_precisions_train_and_keep_loss_in_fp32(precision):
     stream = batches(3, seed=3)
     config = config_for(precision=precision)
