@@ -196,9 +196,11 @@ def test_batches_of_a_memory_mapped_split_equal_those_in_ram_and_map_no_page(tmp
         paths[name] = tmp_path / f"{name}.npy"
         np.save(paths[name], getattr(split, name))
     on_disk = dataclasses.replace(split, **{name: np.load(path, mmap_mode="r") for name, path in paths.items()})
-    for keep in ("first", "last"):
-        want = list(batches.train_batches(split, 64, 50, seed=3, epoch=1, keep=keep))
-        got = list(batches.train_batches(on_disk, 64, 50, seed=3, epoch=1, keep=keep))
+    for keep, read in (("first", batches.train_batches), ("last", batches.train_batches),
+                       ("first", batches.eval_batches)):  # eval: file order, one pread per column and batch
+        options = {"seed": 3, "epoch": 1} if read is batches.train_batches else {}
+        want = list(read(split, 64, 50, keep=keep, **options))
+        got = list(read(on_disk, 64, 50, keep=keep, **options))
         for a, b in zip(want, got, strict=True):
             for key in KEYS:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
