@@ -827,7 +827,8 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     caught_up = (jax.jit(functools.partial(caught_up_tables, optimizer))
                  if config.sparse_embeddings and optimizer.catches_up else None)
     return Trainer(model, optimizer, jit_train_step, jit_eval_step, granularity, mesh, routed=routed, host=host,
-                   jit_caught_up_tables=caught_up, host_lookups=config.sparse_embeddings and mesh.size == 1)
+                   jit_caught_up_tables=caught_up,
+                   host_lookups=config.sparse_embeddings and routed is None and mesh.size == 1)
 
 
 def caught_up_tables(optimizer: Optimizer, state: TrainState) -> dict[str, jax.Array]:
