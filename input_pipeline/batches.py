@@ -17,8 +17,9 @@ from input_pipeline import mapped, permutation
 from input_pipeline.dien import EncodedSplit
 
 KEEP_CHOICES = ("first", "last")
-# Batches between two releases of a memory-mapped split's pages (release_mapped_pages): 8 random batches of 512
-# touch at most ~30k pages (~120 MB) of an every-event split's columns.
+# Batches between two releases of a memory-mapped split's pages (release_mapped_pages). Whole-file columns (every-
+# event splits) are read with pread and map nothing; this bounds the others (views of a mapped cache), whose random
+# reads map whole page-cache folios (see input_pipeline.mapped.take).
 RELEASE_EVERY_BATCHES = 8
 
 
@@ -134,9 +135,9 @@ def train_plan(split: EncodedSplit, batch_size: int, max_seq_length: int, *, see
     """
     if not boundaries and len(split) > LARGEST_PERMUTATION:
         return permutation.shuffled_plan(len(split), batch_size, max_seq_length, (seed, epoch))
-    rng = np.random.default_rng((seed, epoch))
     if not boundaries:
-        return _chunks(_permutation(rng, len(split)), batch_size, max_seq_length)
+        return _chunks(epoch_order(len(split), seed=seed, epoch=epoch), batch_size, max_seq_length)
+    rng = np.random.default_rng((seed, epoch))
     widths = bucket_widths(split, max_seq_length, boundaries)
     plan = []
     for width in np.unique(widths):

@@ -1,10 +1,11 @@
-"""Keeping memory-mapped columns out of the resident set: pages a pass has read are unmapped again.
+"""Keeping memory-mapped columns out of the resident set.
 
 Every-event splits are memory-mapped columns of several GB (177M samples at Taobao's size). Each page a
-read touches stays mapped in the process - and counted in its RSS - until released, so one random pass
-over an epoch, or one sequential pass building the loader's cache, would leave every column resident.
-release_pages unmaps them (MADV_DONTNEED): they stay in the kernel's page cache, and the next read maps
-a page again without I/O. Arrays held in RAM are left alone.
+read through a map touches stays mapped in the process - and counted in its RSS - until released, and a
+random read maps a whole page-cache folio around it. So random batches read whole-file columns with pread
+(take, take_runs), which maps nothing; sequential passes (the loader's cache build, the pack-size pass)
+read through the map a chunk at a time and unmap each chunk (chunks, release_pages: MADV_DONTNEED, the
+pages stay in the kernel's page cache). Arrays held in RAM are left alone.
 """
 
 from __future__ import annotations
