@@ -24,9 +24,13 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 STATE_ITEM, EXTRA_ITEM = "default", "extra"
+PER_DEVICE_ITEM = "per_device"  # host state that differs by device (din_jax.owned_ids), one row per device
 TABLE_LAYOUT = "table_layout"  # extra array: per embedding table (model.TABLES order), the devices it is split over
+PER_DEVICE_LENGTHS = "per_device_lengths"  # extra array: the bytes of each device's row of PER_DEVICE_ITEM
 
 
 class CheckpointError(Exception):
@@ -132,7 +136,7 @@ class Checkpointer:
                                   "pass a writable --workdir or --config.checkpoint_dir") from None
         options = ocp.CheckpointManagerOptions(max_to_keep=max(keep_max, 1), create=True,
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM, PER_DEVICE_ITEM))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -184,18 +188,47 @@ class Checkpointer:
                 f"({split(stored)}), this run over {max(expected.values())} ({split(dict(expected))}); resume with "
                 "the device count and config.shard_embeddings it was written with, or use a new --workdir")
 
+    def restore_per_device(self, mesh: Mesh, extra: Mapping[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """This process's devices' `per_device` arrays of the newest checkpoint (whose `extra` is given), in device
+        order; none when it holds none. Its table layout was checked: it has this run's device count."""
+        step = self.latest_step()
+        lengths = extra.get(PER_DEVICE_LENGTHS)
+        if step is None or lengths is None:
+            return []
+        sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        abstract = {"rows": jax.ShapeDtypeStruct((lengths.size, int(lengths.max())), np.uint8, sharding=sharding)}
+        rows = self.manager.restore(step, args=ocp.args.Composite(**{
+            PER_DEVICE_ITEM: ocp.args.StandardRestore(abstract)}))[PER_DEVICE_ITEM]["rows"]
+        out = []
+        for shard in sorted(rows.addressable_shards, key=lambda s: s.index[0].start):
+            for offset, row in enumerate(np.asarray(shard.data)):
+                out.append(_unpack(row[:int(lengths[shard.index[0].start + offset])]))
+        return out
+
     def is_save_step(self, step: int, force: bool = False) -> bool:
         """Whether save(step, ..., force) would write (cheap: no file system access unless it would)."""
         return (force or (self.save_steps > 0 and step % self.save_steps == 0)) and step not in self.manager.all_steps()
 
-    def save(self, step: int, state: Any, force: bool = False,
-             extra: Mapping[str, np.ndarray] | None = None) -> bool:
-        """Saves `state` (and `extra` host arrays) at `step` if it is a save step (or `force`); returns whether it saved."""
+    def save(self, step: int, state: Any, force: bool = False, extra: Mapping[str, np.ndarray] | None = None,
+             per_device: Sequence[Mapping[str, np.ndarray]] = (), mesh: Mesh | None = None) -> bool:
+        """Saves `state` (and `extra` host arrays, the same on every process, and `per_device`: named arrays of
+        each of this process's devices on `mesh`) at `step` if it is a save step (or `force`); returns whether it
+        saved. Every process calls it alike."""
         if not force and (self.save_steps <= 0 or step % self.save_steps):
             return False  # checked first: this runs every step and must not touch the file system
         if step in self.manager.all_steps():
             return False
         items = {STATE_ITEM: ocp.args.StandardSave(state)}
+        if per_device:
+            blobs = [_pack(arrays) for arrays in per_device]
+            lengths = _gather_processes(np.array([b.size for b in blobs], np.int64)).reshape(-1)
+            rows = np.zeros((len(blobs), int(lengths.max())), np.uint8)
+            for row, blob in zip(rows, blobs):
+                row[:blob.size] = blob
+            sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+            items[PER_DEVICE_ITEM] = ocp.args.StandardSave({"rows": jax.make_array_from_process_local_data(
+                sharding, rows, (lengths.size, rows.shape[1]))})
+            extra = {**(extra or {}), PER_DEVICE_LENGTHS: lengths}
         if extra:
             items[EXTRA_ITEM] = ocp.args.PyTreeSave({"npz": _pack(extra)})
         try:
@@ -213,6 +246,13 @@ class Checkpointer:
         """Waits for pending writes and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _gather_processes(value: np.ndarray) -> np.ndarray:
+    """This process's array -> [processes, ...] of every process's, on every process."""
+    if jax.process_count() == 1:
+        return value[None]
+    return np.asarray(multihost_utils.process_allgather(value, tiled=False))
 
 
 def _pack(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

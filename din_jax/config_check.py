@@ -85,9 +85,10 @@ def validate(config: ml_collections.ConfigDict, num_shards: int = 1) -> None:
     special = sorted({kind for kind in kinds.values() if kind != "dense"})
     if special and not config.sparse_embeddings:
         raise ConfigError(f"embedding kinds {special} update looked-up rows only and need config.sparse_embeddings=True")
-    if special and config.shard_embeddings:
-        raise ConfigError(f"embedding kinds {special} do not combine with config.shard_embeddings=True yet; "
-                          "turn one of them off")
+    if "multihash" in special and config.shard_embeddings:
+        raise ConfigError("embedding kind 'multihash' (two rows per lookup) does not combine with "
+                          "config.shard_embeddings=True; turn one of them off (ev, adaptive and dynamic tables split "
+                          "over the devices with their id mappings)")
     if special and config.workqueue:
         raise ConfigError(f"embedding kinds {special} map ids on the host from whole global batches, which the "
                           "work queue does not give every process; set config.workqueue=False")

@@ -820,22 +820,30 @@ class AdaptiveEmbedding(_KeyedRows):
     kind = "adaptive"
 
     def __init__(self, capacity: int, hash_bucket_size: int, dim: int, seed: int = 0, promote_freq: int = 3,
-                 initializer: str = "truncated_normal", name: str = "embedding"):
+                 initializer: str = "truncated_normal", name: str = "embedding", shard: tuple[int, int] = (0, 1)):
         self.hash_bucket_size = _positive_int("hash_bucket_size", hash_bucket_size)
         self.promote_freq = _positive_int("promote_freq", promote_freq)
+        # One of `count` shards (din_jax.owned_ids) holds the buckets b = index (mod count), bucket b as its b // count.
+        self.shard_index, self.shard_count = shard
+        self.local_buckets = -(-self.hash_bucket_size // self.shard_count)
         super().__init__(name, capacity, dim, seed, initializer, "share", self.promote_freq, _ExactCounts(),
-                         _positive_int("capacity", capacity) + self.hash_bucket_size)
+                         _positive_int("capacity", capacity) + self.local_buckets)
+
+    def bucket(self, ids: np.ndarray) -> np.ndarray:
+        """Each id's hashed bucket among all hash_bucket_size of them: hash64(id) mod hash_bucket_size."""
+        return (hash64(ids) % np.uint64(self.hash_bucket_size)).astype(np.int64)
 
     def _fallback(self, ids: np.ndarray) -> np.ndarray:
-        return (self.capacity + hash64(ids) % np.uint64(self.hash_bucket_size)).astype(np.int32)
+        return (self.capacity + self.bucket(ids) // self.shard_count).astype(np.int32)
 
     def _init_sources(self, ids: np.ndarray) -> np.ndarray:
         return self._fallback(ids)
 
     def initial_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The shared rows, from default-matrix row hash64(bucket) mod 4096."""
-        buckets = np.arange(self.hash_bucket_size)
-        return (self.capacity + buckets).astype(np.int32), (-default_rows(buckets) - 1).astype(np.int32)
+        """The shared rows (this shard's buckets), from default-matrix row hash64(bucket) mod 4096."""
+        buckets = np.arange(self.shard_index, self.hash_bucket_size, self.shard_count)
+        slots = self.capacity + buckets // self.shard_count
+        return slots.astype(np.int32), (-default_rows(buckets) - 1).astype(np.int32)
 
 
 KINDS: dict[str, type[IdMapping]] = {"dense": DenseVocabulary, "ev": EmbeddingVariable,

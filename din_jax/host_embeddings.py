@@ -4,18 +4,23 @@ config picks a kind per feature (seed flags --ev, --ev_filter, --ev_elimination,
 --multihash, --dynamic_ev, or config.embeddings.<feature>). Before a train step, every process maps
 the ids of the whole global batch (so every process's mapping stays identical), keeps its own rows'
 share, and passes the rows to (re)initialise; the device step then works on rows exactly as with
-plain vocabulary tables. Raw-id kinds (ev, adaptive, dynamic) see each token's 64-bit hash: a token
+plain vocabulary tables. With config.shard_embeddings on several devices, raw-id tables are split over the
+devices with their mappings instead, and each process maps its own share of the batch through the ids'
+owners (din_jax.owned_ids). Raw-id kinds (ev, adaptive, dynamic) see each token's 64-bit hash: a token
 absent from the vocabulary files is still its own id. Eviction runs when a checkpoint is saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
+import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from din_jax import ev
+from din_jax import ev, owned_ids
 from din_jax.model import BLOCKS, SECOND_ROW, TABLES, TableSpec
 
 Batch = dict[str, Any]
@@ -54,38 +59,64 @@ def create_mappings(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str,
                     id_sizes: Mapping[str, int]) -> dict[str, ev.IdMapping]:
     """The mapping of every table for `config`: vocabulary kinds sized by `vocab_sizes`; raw-id kinds hold up to
     config.ev_capacity rows (0: as many as the data's distinct ids, `id_sizes`)."""
+    return {table: _mapping(config, table, kind, vocab_sizes, config.ev_capacity or id_sizes[table.removesuffix("_table")])
+            for table, kind in table_kinds(config).items()}
+
+
+def owned_tables(config: ml_collections.ConfigDict, raw_ids: Mapping[str, np.ndarray | None],
+                 id_sizes: Mapping[str, int], mesh: Mesh) -> dict[str, owned_ids.OwnedTable]:
+    """With config.shard_embeddings on several devices, the raw-id tables split over them with their mappings
+    (din_jax.owned_ids): this process's devices' shards. Empty otherwise."""
+    shards = mesh.size
+    if not config.shard_embeddings or shards == 1:
+        return {}
+    devices = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    tables = {}
+    for table, kind in table_kinds(config).items():
+        if kind not in RAW_ID_KINDS:
+            continue
+        feature = table.removesuffix("_table")
+        raw = raw_ids.get(feature)
+        raw = np.arange(id_sizes[feature], dtype=np.int64) if raw is None else np.asarray(raw, np.int64)
+        owner_of = owned_ids.owners(raw, shards, config.adaptive_hash_bucket_size if kind == "adaptive" else 0)
+        rows = owned_ids.rows_per_device(owner_of, shards, config.ev_capacity)
+        mappings = [_mapping(config, table, kind, {}, rows, shard=(d, shards)) for d in devices]
+        tables[table] = owned_ids.OwnedTable(table, mappings, devices, shards, raw, owner_of,
+                                             config.ev_capacity or id_sizes[feature])
+    return tables
+
+
+def _mapping(config: ml_collections.ConfigDict, table: str, kind: str, vocab_sizes: Mapping[str, int],
+             capacity: int, shard: tuple[int, int] = (0, 1)) -> ev.IdMapping:
+    """Table `table`'s mapping of `kind` (raw-id kinds: `capacity` own rows; `shard`: which of how many devices'
+    share of an adaptive table's hashed rows it holds)."""
     e = config.model.embedding_dim
+    feature = table.removesuffix("_table")
     filters = dict(filter=config.ev_filter or None, filter_freq=config.ev_filter_freq,
                    cbf_false_positive=config.ev_cbf_false_positive)
-    mappings = {}
-    for table, kind in table_kinds(config).items():
-        feature = table.removesuffix("_table")
-        size = vocab_sizes[feature]
-        capacity = config.ev_capacity or id_sizes[feature]
-        # Each table gets its own default matrix, initialised as its dense table would be (uid: truncated normal).
-        keyed = dict(dim=e, seed=config.seed + len(mappings), name=feature,
-                     initializer="truncated_normal" if feature == "uid" else "glorot_uniform")
-        if kind == "dense":
-            mappings[table] = ev.DenseVocabulary(size, name=feature)
-        elif kind == "multihash":
-            mappings[table] = ev.MultiHash(size, e, combiner=config.multihash_combiner, name=feature)
-        elif kind == "ev":
-            mappings[table] = ev.EmbeddingVariable(capacity, capacity_field="config.ev_capacity", **keyed, **filters)
-        elif kind == "dynamic":
-            mappings[table] = ev.DynamicDimension(capacity, block_size=config.dynamic_block_size,
-                                                  thresholds=tuple(config.dynamic_thresholds),
-                                                  decay=config.dynamic_decay, capacity_field="config.ev_capacity",
-                                                  **keyed, **filters)
-        elif kind == "adaptive":
-            mappings[table] = ev.AdaptiveEmbedding(capacity, config.adaptive_hash_bucket_size,
-                                                   promote_freq=config.adaptive_promote_freq, **keyed)
-        else:
-            raise ValueError(f"config.embeddings.{feature}={kind!r} is not one of {KIND_CHOICES}")
-    return mappings
+    # Each table gets its own default matrix, initialised as its dense table would be (uid: truncated normal).
+    keyed = dict(dim=e, seed=config.seed + list(TABLES).index(table), name=feature,
+                 initializer="truncated_normal" if feature == "uid" else "glorot_uniform")
+    if kind == "dense":
+        return ev.DenseVocabulary(vocab_sizes[feature], name=feature)
+    if kind == "multihash":
+        return ev.MultiHash(vocab_sizes[feature], e, combiner=config.multihash_combiner, name=feature)
+    if kind == "ev":
+        return ev.EmbeddingVariable(capacity, capacity_field="config.ev_capacity", **keyed, **filters)
+    if kind == "dynamic":
+        return ev.DynamicDimension(capacity, block_size=config.dynamic_block_size,
+                                   thresholds=tuple(config.dynamic_thresholds), decay=config.dynamic_decay,
+                                   capacity_field="config.ev_capacity", **keyed, **filters)
+    if kind == "adaptive":
+        return ev.AdaptiveEmbedding(capacity, config.adaptive_hash_bucket_size,
+                                    promote_freq=config.adaptive_promote_freq, shard=shard, **keyed)
+    raise ValueError(f"config.embeddings.{feature}={kind!r} is not one of {KIND_CHOICES}")
 
 
-def table_spec(mapping: ev.IdMapping, embedding_dim: int) -> TableSpec:
+def table_spec(mapping: ev.IdMapping | owned_ids.OwnedTable, embedding_dim: int) -> TableSpec:
     """How the device builds embeddings from this mapping's rows."""
+    if isinstance(mapping, owned_ids.OwnedTable):
+        return dataclasses.replace(table_spec(mapping.mappings[0], embedding_dim), rows=mapping.num_rows)
     if isinstance(mapping, ev.MultiHash):
         return TableSpec(mapping.num_rows, mapping.row_dim, combiner=mapping.combiner)
     if isinstance(mapping, ev.DynamicDimension):
@@ -100,9 +131,12 @@ class HostEmbeddings:
     vocabulary indices). Stateful: map training batches once each, in step order, on every process.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mappings: dict[str, ev.IdMapping],
-                 raw_ids: Mapping[str, np.ndarray | None], vocab_sizes: Mapping[str, int]):
+    def __init__(self, config: ml_collections.ConfigDict, mappings: dict[str, ev.IdMapping | owned_ids.OwnedTable],
+                 raw_ids: Mapping[str, np.ndarray | None], vocab_sizes: Mapping[str, int], mesh: Mesh | None = None):
         self.config, self.mappings, self.raw_ids = config, mappings, dict(raw_ids)
+        # Tables split over the devices with their mappings (din_jax.owned_ids): mapped by their owners, on `mesh`.
+        self.owned = {t: m for t, m in mappings.items() if isinstance(m, owned_ids.OwnedTable)}
+        self.mesh = mesh
         self.vocab_sizes = dict(vocab_sizes)  # vocabulary kinds: encoded ids past the vocabulary are unknown (0)
         self.specs = {table: table_spec(m, config.model.embedding_dim) for table, m in mappings.items()}
         self.defaults = {table: self._default_matrix(table, m) for table, m in mappings.items()}
@@ -131,7 +165,8 @@ class HostEmbeddings:
     @property
     def stateful(self) -> bool:
         """Whether mapping a training batch changes state (every process must see every global batch)."""
-        return any(not isinstance(m, (ev.DenseVocabulary, ev.MultiHash)) for m in self.mappings.values())
+        return any(not isinstance(m, (ev.DenseVocabulary, ev.MultiHash, owned_ids.OwnedTable))
+                   for m in self.mappings.values())
 
     def table_rows(self) -> dict[str, int]:
         """Rows of each device table, by feature name (the model's vocab_sizes)."""
@@ -143,6 +178,8 @@ class HostEmbeddings:
         out = dict(batch)
         real_rows = np.asarray(batch["weight"]) > 0
         for table, mapping in self.mappings.items():
+            if table in self.owned:
+                continue
             columns = TABLES[table]
             feature = table.removesuffix("_table")
             pieces = []
@@ -175,12 +212,19 @@ class HostEmbeddings:
                 slots[:len(lookup.init_slots)] = lookup.init_slots
                 sources[:len(lookup.init_sources)] = lookup.init_sources
                 out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources
+        if self.owned:  # each local device's rows to initialise are its own (the column is split over devices)
+            columns, init = owned_ids.map_owned(list(self.owned.values()), batch, step, train, self.mesh)
+            out.update(columns)
+            for table, (slots, sources) in init.items():
+                out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources
         return out
 
-    def evict(self, step: int, row_weights: Callable[[str], np.ndarray]) -> dict[str, int]:
-        """Applies config.ev_elimination (when a checkpoint is saved); returns evicted rows per feature.
+    def evict(self, step: int, row_weights: Callable[[str], Any]) -> dict[str, int]:
+        """Applies config.ev_elimination (when a checkpoint is saved); returns evicted rows per feature (owned
+        tables: of this process's devices).
 
-        row_weights(table) -> DeepRec's l2 measure 0.5 * |row|^2 of every row of that device table.
+        row_weights(table) -> DeepRec's l2 measure 0.5 * |row|^2 of every row of that device table; for an owned
+        table a list, one array per local device's shard.
         """
         policy, evicted = self.config.ev_elimination, {}
         for table, mapping in self.mappings.items():
@@ -194,17 +238,30 @@ class HostEmbeddings:
         return evicted
 
     def initial_rows(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """(slots, sources) of each table to initialise when the state is created (adaptive shared rows)."""
-        return {table: m.initial_rows() for table, m in self.mappings.items()}
+        """(slots, sources) of each table to initialise when the state is created (adaptive shared rows); owned
+        tables' as rows of their owner-major global arrays."""
+        return {table: m.physical_initial_rows() if table in self.owned else m.initial_rows()
+                for table, m in self.mappings.items()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Every mapping's state, as flat named arrays (saved in checkpoints next to the train state)."""
-        return {f"embedding/{table}/{name}": value for table, m in self.mappings.items()
+        """Every replicated mapping's state, as flat named arrays (saved in checkpoints next to the train state);
+        owned tables' state is per device (device_state_dicts)."""
+        return {f"embedding/{table}/{name}": value for table, m in self.mappings.items() if table not in self.owned
                 for name, value in m.state_dict().items()}
+
+    def device_state_dicts(self) -> list[dict[str, np.ndarray]]:
+        """Per local device, its shard of every owned table's mapping state (none: an empty list)."""
+        return owned_ids.device_states(self.owned) if self.owned else []
+
+    def load_device_state_dicts(self, states: list[dict[str, np.ndarray]]) -> None:
+        """Restores what device_state_dicts saved."""
+        owned_ids.load_device_states(self.owned, states)
 
     def load_state_dict(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Restores what state_dict saved (a checkpoint without it leaves the mappings fresh)."""
         for table, mapping in self.mappings.items():
+            if table in self.owned:
+                continue
             prefix = f"embedding/{table}/"
             state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
             if state:

@@ -139,8 +139,12 @@ def without_capacities(batch: Mapping[str, Array]) -> dict[str, Array]:
 
 
 def bucket_counts(batch: Mapping[str, np.ndarray], tables: Iterable[str], table_rows: Mapping[str, int],
-                  shards: int, local_shards: int) -> dict[str, int]:
-    """Per routed table, the fullest owner bucket of any of this process's `local_shards` batch shards."""
+                  shards: int, local_shards: int, owners: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Per routed table, the fullest owner bucket of any of this process's `local_shards` batch shards.
+
+    owners: for tables whose ids are vocabulary indices mapped by their owners (din_jax.owned_ids), the owner of
+    each index; table_rows is then the number of indices. Otherwise row i's owner is i mod shards.
+    """
     size = batch["weight"].shape[0] // local_shards
     fullest = {}
     for table in tables:
@@ -150,7 +154,8 @@ def bucket_counts(batch: Mapping[str, np.ndarray], tables: Iterable[str], table_
                      if c in ("weight", "hist_mask") or c in lookup_columns(table)}
             ids = np.unique(table_ids_host(shard, table, table_rows[table]))
             ids = ids[ids < table_rows[table]]
-            most = max(most, int(np.bincount(ids % shards, minlength=shards).max(initial=0)))
+            owner = owners[table][ids] if owners and table in owners else ids % shards
+            most = max(most, int(np.bincount(owner, minlength=shards).max(initial=0)))
         fullest[table] = most
     return fullest
 

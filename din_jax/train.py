@@ -33,7 +33,7 @@ from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, host_
 from din_jax.feed import QUEUE_DONE, WorkQueueFeed
 from din_jax import ev
 from din_jax.host_embeddings import (INIT_SLOTS, INIT_SOURCES, RAW_ID_KINDS, HostEmbeddings, create_mappings,
-                                     table_kinds, uses_raw_ids)
+                                     owned_tables, table_kinds, uses_raw_ids)
 from din_jax.model import DIN, TABLES, TableSpec, lookup_columns
 from din_jax.optim import Optimizer, clip_tensor, create_optimizer
 from din_jax.packing import pack_history, packed_size
@@ -485,9 +485,9 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
     capacities = trainer.plan_capacities(local())
     metrics = StreamingMetrics()
     for item in _items(split, plan, local(), trainer, config.eval_batch_size):
-        batch = trainer.host.map_batch(item.batch, 0, train=False) if trainer.host.active else item.batch
-        device_batch = trainer.device_batch(trainer.with_capacities(trainer.prepare(batch, item.pack_size),
-                                                                    capacities))
+        batch = trainer.with_capacities(item.batch, capacities)  # owned tables' exchange reads them too
+        batch = trainer.host.map_batch(batch, 0, train=False) if trainer.host.active else batch
+        device_batch = trainer.device_batch(trainer.prepare(batch, item.pack_size))
         columns = parallel.gather({"prob": trainer.jit_eval_step(state, device_batch),
                                    **{k: device_batch[k] for k in ("label", "user", "weight")}})
         metrics.update(columns["label"], columns["prob"], columns["user"], columns["weight"])
@@ -676,13 +676,10 @@ class Trainer:
         compiles once - and comes from the persistent compilation cache when one is set - instead of running the
         initialisers op by op.
         """
-        if self.routed is not None:
-            create = functools.partial(create_train_state, config, self.model, self.optimizer, self.routed,
-                                       self.mesh.size)
-        else:
-            initial = {table: (slots, sources, self.host.defaults[table])
-                       for table, (slots, sources) in self.host.initial_rows().items() if len(slots)}
-            create = functools.partial(create_train_state, config, self.model, self.optimizer, initial_rows=initial)
+        initial = {table: (slots, sources, self.host.defaults[table])
+                   for table, (slots, sources) in self.host.initial_rows().items() if len(slots)}
+        create = functools.partial(create_train_state, config, self.model, self.optimizer, self.routed or (),
+                                   self.mesh.size if self.routed else 1, initial_rows=initial)
         specs = state_specs(jax.eval_shape(create), parallel.DATA_AXIS, self.routed or ())
         shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs)
         return jax.jit(create, out_shardings=shardings)()
@@ -726,9 +723,12 @@ class Trainer:
             return {}
         fullest = np.zeros(len(self.routed), np.int64)
         rows = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in self.routed}
+        owned = self.host.owned  # batches hold vocabulary indices of these, which their owners map (owned_ids)
+        rows.update({name: table.raw.size for name, table in owned.items()})
+        owners = {name: table.owner_of for name, table in owned.items()}
         for batch in local_batches:
             counts = sharded_tables.bucket_counts(batch, self.routed, rows, self.mesh.size,
-                                                  parallel.local_shards(self.mesh))
+                                                  parallel.local_shards(self.mesh), owners)
             fullest = np.maximum(fullest, [counts[name] for name in self.routed])
         fullest = parallel.gather_host(fullest).max(axis=0)
         return {name: sharded_tables.round_capacity(int(c)) for name, c in zip(self.routed, fullest)}
@@ -800,8 +800,9 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     vocab_sizes: the vocabularies' sizes; raw_ids and id_sizes: Data's, for raw-id embedding kinds.
     """
     mesh = parallel.data_mesh() if mesh is None else mesh
-    host = HostEmbeddings(config, create_mappings(config, vocab_sizes, id_sizes or vocab_sizes), raw_ids or {},
-                          vocab_sizes)
+    id_sizes = id_sizes or vocab_sizes
+    mappings = {**create_mappings(config, vocab_sizes, id_sizes), **owned_tables(config, raw_ids or {}, id_sizes, mesh)}
+    host = HostEmbeddings(config, mappings, raw_ids or {}, vocab_sizes, mesh)
     plain = {t: spec for t, spec in host.specs.items() if spec != TableSpec(spec.rows, config.model.embedding_dim)}
     model = build_model(config, host.table_rows(), plain)
     lazy = [table for table, kind in table_kinds(config).items() if kind in RAW_ID_KINDS]  # EmbeddingVariables
@@ -809,8 +810,8 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
                                  decay_step=config.adagrad_decay_step, decay_rate=config.adagrad_decay_rate,
                                  lazy_tables=lazy)
     axis = parallel.DATA_AXIS
-    routed = (sharded_tables.routed_tables(model.vocab_sizes, config.shard_min_rows) if config.shard_embeddings
-              else None)
+    routed = (tuple(name for name in TABLES if name in host.owned or name in sharded_tables.routed_tables(
+        model.vocab_sizes, config.shard_min_rows)) if config.shard_embeddings else None)  # owned tables: however small
     step = functools.partial(train_step, model, optimizer, config.sparse_embeddings, config.micro_batch, axis,
                              routed, host.defaults)
     probs = (functools.partial(sharded_eval_step, model, axis, routed) if routed is not None
@@ -875,6 +876,13 @@ def _check_finite(first_bad: jax.Array, state: TrainState | None, checkpointer: 
                         "last good one - lower --config.learning_rate (or check the data), then rerun to resume from it")
 
 
+def _local_shards(array: jax.Array, whole: bool) -> Any:
+    """A device array on the host: the whole of a replicated one, else this process's shards in device order."""
+    if whole:
+        return np.asarray(array.addressable_data(0))
+    return [np.asarray(s.data) for s in sorted(array.addressable_shards, key=lambda s: s.index[0].start)]
+
+
 @jax.jit
 def _row_l2_weights(table: jax.Array) -> jax.Array:
     """DeepRec's l2 eviction measure of every row, 0.5 * |row|^2 (computed where the table lives)."""
@@ -891,7 +899,7 @@ class _Saver:
 
     def __init__(self, config: ml_collections.ConfigDict, checkpointer: checkpoint_lib.Checkpointer,
                  trainer: Trainer, checkpoint_dir: str):
-        self._checkpointer, self._host = checkpointer, trainer.host
+        self._checkpointer, self._host, self._mesh = checkpointer, trainer.host, trainer.mesh
         self._layout = np.array(list(trainer.table_layout().values()))  # saved with every full checkpoint
         self._increments = (incremental_lib.IncrementalCheckpointer(checkpoint_dir, config.incremental_ckpt)
                             if config.incremental_ckpt else None)
@@ -899,8 +907,11 @@ class _Saver:
         self.last = self.base or 0               # the step of the last save of any kind
 
     def restore(self, state: TrainState, extra: dict[str, np.ndarray]) -> TrainState:
-        """The embedding mappings from `extra`, then the increments on top of the full checkpoint."""
+        """The embedding mappings from `extra` (and this process's devices' shards of owned tables' mappings), then
+        the increments on top of the full checkpoint."""
         self._host.load_state_dict(extra)
+        if self._host.owned:
+            self._host.load_device_state_dicts(self._checkpointer.restore_per_device(self._mesh, extra))
         if self._increments is None or self.base is None:
             return state
         state, increment_extra, self.last = self._increments.restore(state, self.base)
@@ -912,14 +923,15 @@ class _Saver:
         """A full checkpoint at `step` if it is a save step (or forced)."""
         if not self._checkpointer.is_save_step(step, force):
             return
-        evicted = self._host.evict(step, lambda table: np.asarray(
-            _row_l2_weights(state.params[table]).addressable_data(0)))
+        evicted = self._host.evict(step, lambda table: _local_shards(_row_l2_weights(state.params[table]),
+                                                                     whole=table not in self._host.owned))
         if any(evicted.values()):
             logging.info("Feature eviction (%s) at step %d: %s rows freed", self._host.config.ev_elimination, step,
                          evicted)
         if self._checkpointer.save(step, state, force=force,
                                    extra={**source.checkpoint_extra(), **self._host.state_dict(),
-                                          checkpoint_lib.TABLE_LAYOUT: self._layout}):
+                                          checkpoint_lib.TABLE_LAYOUT: self._layout},
+                                   per_device=self._host.device_state_dicts(), mesh=self._mesh):
             self.base = self.last = step
             if self._increments is not None:
                 self._increments.prune(step)

@@ -167,7 +167,7 @@ def test_seed_flags_combine_into_kinds_as_deeprecs_din(flags, kinds):
 
 
 @pytest.mark.parametrize("flags, named", [(dict(multihash=True, workqueue=True), "config.workqueue=False"),
-                                          (dict(ev=True, shard_embeddings=True), "shard_embeddings"),
+                                          (dict(multihash=True, shard_embeddings=True), "shard_embeddings"),
                                           (dict(ev=True, sparse_embeddings=False), "sparse_embeddings=True"),
                                           (dict(ev_filter="counter"), "none is one"),
                                           (dict(ev_elimination="l2"), "config.ev_elimination='l2' applies to "

@@ -1,0 +1,264 @@
+"""Raw-id embedding tables (ev, adaptive, dynamic) split over the devices together with their id -> row mappings:
+each device's host maps only the ids it owns (config.shard_embeddings).
+
+Replicated, a raw-id table has one din_jax.ev mapping that every process feeds the whole global batch, so each
+process's host work grows with the number of processes. Split, the table is N shards: device d owns the ids
+with owner(id) = d, holds their rows as its Q local rows, and keeps a mapping of its own (`OwnedTable`). Local
+row r of device d is the table's logical row r * N + d, which is where din_jax.sharded_tables' mod placement
+routes it, so the train step is that of any routed table.
+
+Owner of a raw id (`owners`): hash64(id, OWNER_SEED) mod N for ev and dynamic; for adaptive, (hash64(id) mod B)
+mod N with B its hash buckets, so the ids that share a hashed row share its owner (device d holds buckets d,
+d + N, ...). Every process knows every token's raw id (train.Data.raw_ids), so the owner of each vocabulary
+index is one array lookup.
+
+Mapping a batch (`map_owned`), on every process, step after step:
+  1. requests: each local device's share of the batch, its unique vocabulary indices and how often each is
+     looked up, bucketed by owner into [N, C] (C: the capacity planned for the epoch, as for routed tables);
+  2. one all_to_all (`exchange`, a jitted shard_map) takes every bucket to its owner, as int32 pairs;
+  3. each owner maps what it received, requester after requester, every id repeated by its count: the
+     lookups one process would have mapped, so admission counts, filters, frequencies and row steps are the
+     same. Out come its local rows (and live blocks) and its rows to initialise before the step;
+  4. a second all_to_all returns the rows; the requester writes logical rows into its batch.
+Per device and step that is 2 * N * C * 8 bytes with N * C about the device's own unique ids, and each owner
+maps about 1/N of the global batch's lookups: both flat in N.
+
+Exactness: an id's row values depend on the id (its default row, its own updates), never on which slot holds
+it, so N devices train the same embeddings as one (tests/test_owned_ids.py). Two options differ by design:
+ev_filter='cbf' keeps one Bloom filter per device (other false positives), and config.ev_capacity > 0 gives
+each device ceil(capacity / N) rows (with ev_capacity = 0 a device holds exactly the distinct ids it owns).
+
+Checkpoints: each device's mapping state is one row of an [N, L] uint8 array split over the devices (orbax
+writes each process's rows); a run restores it on the same device count only (checkpoint's layout check).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from din_jax import ev, parallel, sharded_tables
+from din_jax.embedding import table_ids_host
+from din_jax.model import BLOCKS, TABLES
+
+Batch = dict[str, Any]
+OWNER_SEED = 11  # hash64 seed of the owner function: independent of the hashes that place ids in tables and filters
+
+
+def owners(raw_ids: np.ndarray, shards: int, hash_buckets: int = 0) -> np.ndarray:
+    """The owning device (int32) of each raw id: with `hash_buckets` (adaptive), the owner of its hashed bucket."""
+    raw = np.asarray(raw_ids, np.int64)
+    if hash_buckets:
+        return ((ev.hash64(raw) % np.uint64(hash_buckets)) % np.uint64(shards)).astype(np.int32)
+    return (ev.hash64(raw, OWNER_SEED) % np.uint64(shards)).astype(np.int32)
+
+
+def rows_per_device(owner_of: np.ndarray, shards: int, capacity: int) -> int:
+    """Own rows of each device: ceil(capacity / N), or with capacity 0 the most distinct ids any device owns."""
+    if capacity:
+        return -(-capacity // shards)
+    return max(int(np.bincount(owner_of, minlength=shards).max(initial=0)), 1)
+
+
+class OwnedTable:
+    """One raw-id table split over the mesh's N devices: this process's devices' mappings (`mappings[k]` is
+    device `devices[k]`'s, every one with Q rows) and the raw id and owner of every vocabulary index."""
+
+    def __init__(self, table: str, mappings: Sequence[ev.IdMapping], devices: Sequence[int], shards: int,
+                 raw: np.ndarray, owner_of: np.ndarray, capacity: int):
+        self.table, self.mappings, self.devices, self.shards = table, list(mappings), list(devices), shards
+        self.raw, self.owner_of = raw, owner_of
+        self.capacity = capacity  # the whole table's own rows (its default matrix's spread is that of one process)
+        self.rows_per_shard = self.mappings[0].num_rows
+        self.num_rows = shards * self.rows_per_shard  # logical rows; row r * N + d is device d's local row r
+        self.kind = self.mappings[0].kind
+        self.latest_step = -1  # the last training step mapped: dynamic dimension evaluates frequencies as of then
+
+    # -- requests (every device) and what they become
+    def requests(self, piece: Batch, capacity: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """([N, C, 2] (vocabulary index, lookups) per owner, padded with (-1, 0); (unique, owner, slot)) of the
+        real lookups of one device's share of a batch."""
+        size = self.raw.size
+        ids = table_ids_host(piece, self.table, size)
+        unique, counts = np.unique(ids[ids < size], return_counts=True)
+        owner = self.owner_of[unique]
+        per_owner = np.bincount(owner, minlength=self.shards)
+        if per_owner.max(initial=0) > capacity:
+            raise ValueError(f"{self.table}: {per_owner.max()} ids for one owner exceed the planned capacity "
+                             f"{capacity} (the capacity plan and the batch disagree)")
+        order = np.argsort(owner, kind="stable")
+        slot = np.empty_like(owner)
+        slot[order] = np.arange(owner.size) - (np.cumsum(per_owner) - per_owner)[owner[order]]
+        send = np.zeros((self.shards, capacity, 2), np.int32)
+        send[..., 0] = -1
+        send[owner, slot] = np.stack([unique, counts], -1)
+        return send, (unique, owner, slot)
+
+    def serve(self, k: int, received: np.ndarray, step: int, train: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Local device k maps what every requester sent it ([N, C, 2]); returns ([N, C, 2] (local row, live
+        blocks) per request, rows to initialise, their sources), the last two padded to N * C."""
+        ids, counts = received[..., 0].reshape(-1), received[..., 1].reshape(-1)
+        real = np.flatnonzero(ids >= 0)
+        mapping = self.mappings[k]
+        now = step if train else max(step, self.latest_step)
+        try:
+            lookup = mapping.map(np.repeat(self.raw[ids[real]], counts[real]), now, train)
+        except ev.CapacityError as e:
+            raise ev.CapacityError(f"{e} (device {self.devices[k]} of {self.shards}: config.ev_capacity is split "
+                                   "over the devices)") from None
+        if lookup.num_rows != self.rows_per_shard:
+            raise ev.CapacityError(f"embedding '{mapping.name}' is full on device {self.devices[k]} "
+                                   f"({self.rows_per_shard} rows); raise config.ev_capacity")
+        first = np.cumsum(counts[real]) - counts[real]
+        reply = np.zeros((ids.size, 2), np.int32)
+        reply[:, 0] = self.rows_per_shard
+        reply[real, 0] = lookup.slots[first]
+        if lookup.blocks is not None:
+            reply[real, 1] = lookup.blocks[first]
+        init_slots = np.full(ids.size, self.rows_per_shard, np.int32)
+        init_sources = np.zeros(ids.size, np.int32)
+        init_slots[:lookup.init_slots.size] = lookup.init_slots
+        init_sources[:lookup.init_sources.size] = lookup.init_sources
+        return reply.reshape(received.shape), init_slots, init_sources
+
+    def columns(self, piece: Batch, request: tuple[np.ndarray, ...], reply: np.ndarray) -> Batch:
+        """The table's id columns of one device's share as logical rows (N * Q: no row), with live blocks for
+        dynamic dimension, from the owners' reply [N, C, 2] to `request` (requests' second value)."""
+        unique, owner, slot = request
+        local, blocks = reply[owner, slot, 0], reply[owner, slot, 1]
+        logical = np.where(local < self.rows_per_shard, local.astype(np.int64) * self.shards + owner, self.num_rows)
+        logical, blocks = np.append(logical, self.num_rows), np.append(blocks, 0)  # the last entry: no lookup
+        real_rows = np.asarray(piece["weight"]) > 0
+        out = {}
+        for column in TABLES[self.table]:
+            values = np.asarray(piece[column])
+            real = real_rows if values.ndim == 1 else real_rows[:, None] & (np.asarray(piece["hist_mask"]) != 0)
+            at = np.where(real, np.searchsorted(unique, values), unique.size)  # every real lookup is in `unique`
+            out[column] = logical[at].astype(np.int32)
+            if self.kind == "dynamic":
+                out[column + BLOCKS] = blocks[at].astype(np.int32)
+        return out
+
+    # -- the rest of the mapping interface, over this process's devices
+    def physical_initial_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, sources) to set when the table is created, as rows of the owner-major global array: every
+        device's, whichever process holds it (adaptive: the shared rows)."""
+        first = self.mappings[0]
+        if not isinstance(first, ev.AdaptiveEmbedding):
+            return ev._NO_INIT
+        slots, sources = [], []
+        for device in range(self.shards):
+            local_slots, local_sources = ev.AdaptiveEmbedding(
+                first.capacity, first.hash_bucket_size, first.dim, shard=(device, self.shards)).initial_rows()
+            slots.append(device * self.rows_per_shard + local_slots)
+            sources.append(local_sources)
+        return np.concatenate(slots).astype(np.int32), np.concatenate(sources).astype(np.int32)
+
+    def evict_stale(self, step: int, steps_to_live: int) -> ev.Eviction:
+        return _joined([m.evict_stale(step, steps_to_live) for m in self.mappings])
+
+    def evict_small(self, row_norms: Sequence[np.ndarray], threshold: float) -> ev.Eviction:
+        """row_norms: one array per local device (its shard of the table), in `devices` order."""
+        return _joined([m.evict_small(n, threshold) for m, n in zip(self.mappings, row_norms)])
+
+    def stats(self) -> dict:
+        """This process's devices' stats, counts summed (per process: each holds its own devices' shards)."""
+        each = [m.stats() for m in self.mappings]
+        out = {k: (sum(s[k] for s in each) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v)
+               for k, v in each[0].items()}
+        return {**out, "devices": self.devices, "num_rows": self.num_rows}
+
+
+def _joined(evictions: Sequence[ev.Eviction]) -> ev.Eviction:
+    return ev.Eviction(np.concatenate([e.slots for e in evictions]), np.concatenate([e.ids for e in evictions]))
+
+
+@functools.cache
+def _swap(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
+    """A jitted all_to_all over the mesh's `data` axis: block p of each device's [N, ...] goes to device p."""
+    swap = lambda x: jax.lax.all_to_all(x, parallel.DATA_AXIS, 0, 0, tiled=True)  # noqa: E731
+    return jax.jit(jax.shard_map(swap, mesh=mesh, in_specs=P(parallel.DATA_AXIS), out_specs=P(parallel.DATA_AXIS),
+                                 check_vma=False))
+
+
+def exchange(blocks: np.ndarray, mesh: Mesh) -> np.ndarray:
+    """This process's devices' [L * N, ...] int32 blocks (device-major) -> the blocks every device sent them."""
+    if mesh.size == 1:
+        return blocks
+    swapped = _swap(mesh)(parallel.global_batch({"x": blocks}, mesh)["x"])
+    return np.concatenate([np.asarray(s.data) for s in sorted(swapped.addressable_shards,
+                                                               key=lambda s: s.index[0].start)])
+
+
+def capacities_for(tables: Sequence[OwnedTable], batch: Batch, local_shards: int) -> dict[str, int]:
+    """Each table's exchange capacity for one batch: its planned one (the batch's routing placeholder), else the
+    fullest owner bucket of any device (one cross-process max; every process must map its share of the batch)."""
+    planned = {t.table: batch[t.table + sharded_tables.CAPACITY].shape[0] // local_shards for t in tables
+               if t.table + sharded_tables.CAPACITY in batch}
+    missing = [t for t in tables if t.table not in planned]
+    if missing:
+        counts = sharded_tables.bucket_counts(batch, [t.table for t in missing], {t.table: t.raw.size for t in missing},
+                                              missing[0].shards, local_shards, {t.table: t.owner_of for t in missing})
+        fullest = parallel.gather_host(np.array([counts[t.table] for t in missing])).max(axis=0)
+        planned.update({t.table: sharded_tables.round_capacity(int(c)) for t, c in zip(missing, fullest)})
+    return planned
+
+
+def map_owned(tables: Sequence[OwnedTable], batch: Batch, step: int, train: bool, mesh: Mesh
+              ) -> tuple[Batch, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(the id columns of every owned table of this process's share of a batch as logical rows, per table the
+    (slots, sources) each local device initialises before a training step, device after device), by the exchange
+    of the module docstring."""
+    local_shards = len(tables[0].devices)
+    capacities = capacities_for(tables, batch, local_shards)
+    size = batch["weight"].shape[0] // local_shards
+    pieces = [{c: v[k * size:(k + 1) * size] for c, v in batch.items() if not c.endswith(sharded_tables.CAPACITY)}
+              for k in range(local_shards)]
+    sent = [[t.requests(piece, capacities[t.table]) for t in tables] for piece in pieces]
+    edges = np.cumsum([0] + [capacities[t.table] for t in tables])
+    # One exchange for every table: their buckets side by side, [L * N, sum of capacities, 2].
+    received = exchange(np.concatenate([np.concatenate([s[0] for s in row], axis=1) for row in sent]), mesh)
+    received = received.reshape(local_shards, tables[0].shards, -1, 2)
+    replies, inits = [], {}
+    for k in range(local_shards):
+        row = []
+        for i, t in enumerate(tables):
+            reply, init_slots, init_sources = t.serve(k, received[k, :, edges[i]:edges[i + 1]], step, train)
+            row.append(reply)
+            inits.setdefault(t.table, []).append((init_slots, init_sources))
+        replies.append(np.concatenate(row, axis=1))
+    answered = exchange(np.concatenate(replies), mesh).reshape(local_shards, tables[0].shards, -1, 2)
+    out: Batch = {}
+    init: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, t in enumerate(tables):
+        parts = [t.columns(pieces[k], sent[k][i][1], answered[k, :, edges[i]:edges[i + 1]])
+                 for k in range(local_shards)]
+        out.update({c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
+        if train:
+            t.latest_step = step
+            init[t.table] = (np.concatenate([s for s, _ in inits[t.table]]),
+                             np.concatenate([s for _, s in inits[t.table]]))
+    return out, init
+
+
+def device_states(tables: Mapping[str, OwnedTable]) -> list[dict[str, np.ndarray]]:
+    """Per local device, the state of its shard of every owned table, as flat named arrays."""
+    devices = len(next(iter(tables.values())).devices)
+    return [{f"embedding/{name}/{key}": value for name, t in tables.items()
+             for key, value in t.mappings[k].state_dict().items()} for k in range(devices)]
+
+
+def load_device_states(tables: Mapping[str, OwnedTable], states: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Restores what device_states saved (one dict per local device, in device order)."""
+    for k, arrays in enumerate(states):
+        for name, t in tables.items():
+            prefix = f"embedding/{name}/"
+            state = {key[len(prefix):]: v for key, v in arrays.items() if key.startswith(prefix)}
+            if state:
+                t.mappings[k].load_state_dict(state)
