@@ -200,9 +200,9 @@ class Checkpointer:
         rows = self.manager.restore(step, args=ocp.args.Composite(**{
             PER_DEVICE_ITEM: ocp.args.StandardRestore(abstract)}))[PER_DEVICE_ITEM]["rows"]
         out = []
-        for shard in sorted(rows.addressable_shards, key=lambda s: s.index[0].start):
+        for shard in sorted(rows.addressable_shards, key=lambda s: s.index[0].start or 0):
             for offset, row in enumerate(np.asarray(shard.data)):
-                out.append(_unpack(row[:int(lengths[shard.index[0].start + offset])]))
+                out.append(_unpack(row[:int(lengths[(shard.index[0].start or 0) + offset])]))
         return out
 
     def is_save_step(self, step: int, force: bool = False) -> bool:

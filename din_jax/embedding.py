@@ -77,13 +77,13 @@ def host_row_lookups(batch: Mapping[str, np.ndarray], table_sizes: Mapping[str, 
     for table in TABLES:
         ids = table_ids_host(batch, table, table_sizes[table], (specs or {}).get(table))
         size = min(ids.size, table_sizes[table] + 1)
-        unique, inverse = _unique_host(ids, table_sizes[table])
+        unique, inverse = unique_host(ids, table_sizes[table])
         out[table + LOOKUP_IDS] = np.pad(unique, (0, size - unique.size), constant_values=table_sizes[table])
         out[table + LOOKUP_INVERSE] = inverse
     return out
 
 
-def _unique_host(ids: np.ndarray, table_size: int) -> tuple[np.ndarray, np.ndarray]:
+def unique_host(ids: np.ndarray, table_size: int) -> tuple[np.ndarray, np.ndarray]:
     """np.unique(ids, return_inverse=True) for int32 ids in [0, table_size], as int32; like unique_ids, a presence map
     over the rows where the table is at most HOST_PRESENCE_MAP_ROWS_PER_LOOKUP times the lookups."""
     if table_size + 1 > HOST_PRESENCE_MAP_ROWS_PER_LOOKUP * ids.size:

@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from din_jax import ev, parallel, sharded_tables
-from din_jax.embedding import table_ids_host
+from din_jax.embedding import unique_host, table_ids_host
 from din_jax.model import BLOCKS, TABLES
 
 Batch = dict[str, Any]
@@ -81,11 +81,15 @@ class OwnedTable:
 
     # -- requests (every device) and what they become
     def requests(self, piece: Batch, capacity: int) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-        """([N, C, 2] (vocabulary index, lookups) per owner, padded with (-1, 0); (unique, owner, slot)) of the
-        real lookups of one device's share of a batch."""
+        """([N, C, 2] (vocabulary index, lookups) per owner, padded with (-1, 0); (owner, slot, inverse)) of the
+        real lookups of one device's share of a batch; inverse: each lookup's unique id (table_ids_host order),
+        the last one (the index count) for padding and masked positions."""
         size = self.raw.size
         ids = table_ids_host(piece, self.table, size)
-        unique, counts = np.unique(ids[ids < size], return_counts=True)
+        unique, inverse = unique_host(ids, size)
+        counts = np.bincount(inverse, minlength=unique.size)
+        if unique.size and unique[-1] == size:  # padding and masked positions look nothing up
+            unique, counts = unique[:-1], counts[:-1]
         owner = self.owner_of[unique]
         per_owner = np.bincount(owner, minlength=self.shards)
         if per_owner.max(initial=0) > capacity:
@@ -97,7 +101,7 @@ class OwnedTable:
         send = np.zeros((self.shards, capacity, 2), np.int32)
         send[..., 0] = -1
         send[owner, slot] = np.stack([unique, counts], -1)
-        return send, (unique, owner, slot)
+        return send, (owner, slot, inverse.reshape(-1))
 
     def serve(self, k: int, received: np.ndarray, step: int, train: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,19 +134,19 @@ class OwnedTable:
     def columns(self, piece: Batch, request: tuple[np.ndarray, ...], reply: np.ndarray) -> Batch:
         """The table's id columns of one device's share as logical rows (N * Q: no row), with live blocks for
         dynamic dimension, from the owners' reply [N, C, 2] to `request` (requests' second value)."""
-        unique, owner, slot = request
+        owner, slot, inverse = request
         local, blocks = reply[owner, slot, 0], reply[owner, slot, 1]
-        logical = np.where(local < self.rows_per_shard, local.astype(np.int64) * self.shards + owner, self.num_rows)
-        logical, blocks = np.append(logical, self.num_rows), np.append(blocks, 0)  # the last entry: no lookup
-        real_rows = np.asarray(piece["weight"]) > 0
-        out = {}
+        logical = np.where(local < self.rows_per_shard, local * self.shards + owner, self.num_rows)
+        logical = np.append(logical, self.num_rows).astype(np.int32)[inverse]  # the last entry: no lookup
+        blocks = np.append(blocks, 0)[inverse]
+        out, offset = {}, 0
         for column in TABLES[self.table]:
-            values = np.asarray(piece[column])
-            real = real_rows if values.ndim == 1 else real_rows[:, None] & (np.asarray(piece["hist_mask"]) != 0)
-            at = np.where(real, np.searchsorted(unique, values), unique.size)  # every real lookup is in `unique`
-            out[column] = logical[at].astype(np.int32)
+            shape = np.shape(piece[column])
+            size = int(np.prod(shape))
+            out[column] = logical[offset:offset + size].reshape(shape)
             if self.kind == "dynamic":
-                out[column + BLOCKS] = blocks[at].astype(np.int32)
+                out[column + BLOCKS] = blocks[offset:offset + size].reshape(shape)
+            offset += size
         return out
 
     # -- the rest of the mapping interface, over this process's devices
@@ -193,7 +197,7 @@ def exchange(blocks: np.ndarray, mesh: Mesh) -> np.ndarray:
         return blocks
     swapped = _swap(mesh)(parallel.global_batch({"x": blocks}, mesh)["x"])
     return np.concatenate([np.asarray(s.data) for s in sorted(swapped.addressable_shards,
-                                                               key=lambda s: s.index[0].start)])
+                                                               key=lambda s: s.index[0].start or 0)])
 
 
 def capacities_for(tables: Sequence[OwnedTable], batch: Batch, local_shards: int) -> dict[str, int]:
