@@ -4,6 +4,7 @@
   python benchmarks/multiprocess.py --auc                 # 1 process (global B = 4 x 256) vs 4 sharded processes
   python benchmarks/multiprocess.py --big_rows 20000000   # 4 sharded processes, a 20M-row item table: peak RSS
   python benchmarks/multiprocess.py --placement           # numpy only: mod vs range placement, bucket balance
+  python benchmarks/multiprocess.py --ev                  # every table an EmbeddingVariable: host id mappings
 
 Every run is `python -m launch.local --num_processes N -- <din_jax.main flags>` (one CPU device per process,
 gloo collectives over localhost) on the built-in default data (`--num_users`; uid and item vocabularies stay
@@ -108,6 +109,7 @@ def _config(args, mode: str, batch_size: int):
     config.batch_size, config.data_dir, config.synthetic.num_users = batch_size, args.data_dir, args.num_users
     config.no_eval, config.progress_bar = True, False
     config.shard_embeddings = mode == "sharded"
+    config.ev = args.ev
     return config
 
 
@@ -126,8 +128,9 @@ def worker(args) -> None:
     trainer = train.create_trainer(config, data.vocab_sizes, mesh, data.raw_ids, data.id_sizes)
     trainer = dataclasses.replace(trainer, pack_floor=train._pack_floor(data.train, config, trainer))
     state = trainer.init_state(config)
-    item = next(train._train_items(data.train, config, trainer, 0))
-    prepared = trainer.prepare(item.batch, item.pack_size)
+    item = next(train._train_items(data.train, config, trainer, 0, whole=trainer.host.stateful))
+    batch = trainer.host.map_batch(item.batch, 0, train=True) if trainer.host.active else item.batch
+    prepared = trainer.prepare(trainer.local_share(batch) if trainer.host.stateful else batch, item.pack_size)
     hlo = trainer.jit_train_step.lower(state, trainer.device_batch(prepared)).compile().as_text()
     b_s = args.per_process
     p_s = prepared["hist_index"].shape[0] // parallel.local_shards(mesh)
@@ -228,7 +231,7 @@ def base_flags(args, batch_size: int) -> list[str]:
     return ["--config", os.path.join(_REPO, "configs", "default.py"), f"--config.data_dir={args.data_dir}",
             f"--config.synthetic.num_users={args.num_users}",
             f"--config.batch_size={batch_size}", "--config.progress_bar=false", "--config.save_steps=0",
-            "--config.log_every_steps=1000"]
+            "--config.log_every_steps=1000", *(["--config.ev=true"] if args.ev else [])]
 
 
 def measure(args) -> dict:
@@ -244,7 +247,8 @@ def measure(args) -> dict:
             out_file = os.path.join(args.workdir, f"hlo_{n}_{mode}.json")
             worker_cmd = [sys.executable, os.path.abspath(__file__), "--role", "worker", "--mode", mode,
                           "--out", out_file, "--workdir", args.workdir, "--data_dir", args.data_dir,
-                          "--num_users", str(args.num_users), "--per_process", str(args.per_process)]
+                          "--num_users", str(args.num_users), "--per_process", str(args.per_process),
+                          *(["--ev"] if args.ev else [])]
             from launch import local
             with open(os.path.join(args.workdir, f"hlo_{n}_{mode}.log"), "w") as log:
                 if local.launch(n, worker_cmd, out=log):
@@ -447,6 +451,8 @@ def main() -> None:
     parser.add_argument("--big_steps", type=int, default=5)
     parser.add_argument("--placement", action="store_true", help="only the mod vs range placement balance")
     parser.add_argument("--placement_batches", type=int, default=200)
+    parser.add_argument("--ev", action="store_true", help="every table an EmbeddingVariable (--config.ev=true): "
+                        "replicated, every process maps the whole global batch; sharded, the ids' owners map them")
     parser.add_argument("--role", default="driver", choices=["driver", "worker"])
     parser.add_argument("--mode", default="replicated", choices=list(MODES))
     parser.add_argument("--out", default="", help="worker: where process 0 writes its JSON")

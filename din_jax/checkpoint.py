@@ -142,6 +142,14 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
+    def latest_extra(self) -> dict[str, np.ndarray]:
+        """The host-side arrays saved with the newest checkpoint (none: empty)."""
+        step = self.latest_step()
+        if step is None or not os.path.isdir(os.path.join(self.directory, str(step), EXTRA_ITEM)):
+            return {}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.PyTreeRestore()}))
+        return _unpack(np.asarray(restored[EXTRA_ITEM]["npz"]))
+
     def restore_latest(self, state: Any) -> Any | None:
         """The newest checkpoint restored into `state`'s structure, or None when there is none."""
         restored = self.restore_latest_with_extra(state)
@@ -159,10 +167,7 @@ class Checkpointer:
         step = self.latest_step()
         if step is None:
             return None
-        extra = {}  # read first (and once): the table layout it records decides whether the state may be read
-        if os.path.isdir(os.path.join(self.directory, str(step), EXTRA_ITEM)):
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{EXTRA_ITEM: ocp.args.PyTreeRestore()}))
-            extra = _unpack(np.asarray(restored[EXTRA_ITEM]["npz"]))
+        extra = self.latest_extra()  # read first (and once): the table layout it records decides whether to go on
         if table_layout is not None:
             self._check_table_layout(step, extra.get(TABLE_LAYOUT), table_layout)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

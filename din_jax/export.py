@@ -617,7 +617,7 @@ def export_model(workdir: str, out_dir: str, overwrite: bool = False) -> str:
     import ml_collections  # the training code, imported only here: loading a model never needs it
 
     from din_jax import checkpoint as checkpoint_lib
-    from din_jax import host_embeddings, train
+    from din_jax import host_embeddings, whole_tables
     from input_pipeline import dien
     from input_pipeline.errors import DataError
 
@@ -633,14 +633,10 @@ def export_model(workdir: str, out_dir: str, overwrite: bool = False) -> str:
     except DataError as e:
         raise ExportError(f"cannot read the vocabularies the run in {workdir} trained with ({e})") from None
     tokens = {column: token_table(column, getattr(vocabularies, column)) for column in ID_COLUMNS}
-    trainer = train.create_trainer(config, vocabularies.sizes, id_sizes=id_sizes)
-    checkpointer = checkpoint_lib.Checkpointer(checkpoints, 0, config.keep_checkpoint_max)
-    try:
-        restored = checkpointer.restore_latest_with_extra(trainer.init_state(config))
+    try:  # tables split over devices (config.shard_embeddings) come back whole, their id mappings merged
+        trainer, restored = whole_tables.restore_whole(config, vocabularies.sizes, id_sizes, checkpoints)
     except checkpoint_lib.CheckpointError as e:
         raise ExportError(str(e)) from None
-    finally:
-        checkpointer.close()
     if restored is None:
         raise ExportError(f"{workdir}: no checkpoint in {checkpoints}; {_train_hint(workdir)}")
     state, extra = restored

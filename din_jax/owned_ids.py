@@ -266,3 +266,38 @@ def load_device_states(tables: Mapping[str, OwnedTable], states: Sequence[Mappin
             state = {key[len(prefix):]: v for key, v in arrays.items() if key.startswith(prefix)}
             if state:
                 t.mappings[k].load_state_dict(state)
+
+
+def merged_state(kind: str, states: Sequence[Mapping[str, np.ndarray]], hash_buckets: int = 0
+                 ) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """One mapping for a whole table from its N devices' mapping states (export: one table, one mapping).
+
+    Returns (the state of a `kind` mapping of `capacity` own rows, capacity, and for each row of that mapping's
+    table the row of the owner-major global array it comes from). Own row r of device d becomes row r * N + d;
+    adaptive's bucket b (device b mod N's local bucket b // N) becomes row capacity + b. Counts of ids waiting for
+    admission are kept (the devices' ids are disjoint); a Bloom filter's counters are not (per device, they do not
+    add up to one filter): the state has none, and inference does not count.
+    """
+    shards, own = len(states), states[0]["slot_ids"].size
+    rows_per_device = states[0]["row_step"].size
+    capacity = shards * own
+    interleave = lambda name, stop=None: np.stack([s[name][:stop] for s in states], axis=1).reshape(-1)  # noqa: E731
+    owner, local = np.arange(capacity) % shards, np.arange(capacity) // shards
+    physical = owner * rows_per_device + local
+    row_step = interleave("row_step", own)
+    if kind == "adaptive":
+        buckets = np.arange(hash_buckets)
+        bucket_rows = (buckets % shards) * rows_per_device + own + buckets // shards
+        physical = np.concatenate([physical, bucket_rows])
+        steps = np.stack([s["row_step"] for s in states])
+        row_step = np.concatenate([row_step, steps[buckets % shards, own + buckets // shards]])
+    state = {"slot_ids": interleave("slot_ids"), "row_step": row_step,
+             "counters": np.sum([s["counters"] for s in states], axis=0)}
+    if "freq" in states[0]:
+        state["freq"] = interleave("freq")
+    if "pending_ids" in states[0]:
+        ids = np.concatenate([s["pending_ids"] for s in states])
+        order = np.argsort(ids, kind="stable")
+        for name in ("pending_ids", "pending_counts", "pending_steps"):
+            state[name] = np.concatenate([s[name] for s in states])[order]
+    return state, capacity, physical.astype(np.int64)

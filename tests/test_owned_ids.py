@@ -68,26 +68,35 @@ def test_per_device_host_state_round_trips_through_a_checkpoint(tmp_path):
     assert restored[0]["empty"].shape == (0,)
 
 
+def owned_config(shard_embeddings: bool = False):
+    """A config with the three raw-id kinds: uid adaptive, mid EV with a counter filter, cat dynamic dimension."""
+    from tests.test_sparse import config_for
+    config = config_for(shard_embeddings=shard_embeddings, learning_rate=0.001, adaptive_hash_bucket_size=8,
+                        adaptive_promote_freq=2, ev_filter="counter", ev_filter_freq=2, dynamic_block_size=6,
+                        dynamic_thresholds=(2.0, 4.0), ev_elimination="l2", ev_l2_threshold=0.2)
+    config.embeddings.update(dict(uid="adaptive", mid="ev", cat="dynamic"))
+    return config
+
+
 # Run in a child process: the parent's JAX has one CPU device, the child four. One config covers the three kinds
 # (uid adaptive, mid EV with a counter filter, cat dynamic dimension), on one device (one replicated mapping per
 # table) and split over four (each device maps the ids it owns).
 _DEVICES_SCRIPT = r"""
-import json
+import json, sys
 import jax, numpy as np
 from jax.sharding import Mesh
+from din_jax import checkpoint as checkpoint_lib
 from din_jax import owned_ids, train
 from din_jax.model import TABLES
 from tests.test_embedding_kinds import RAW_IDS
-from tests.test_sparse import VOCAB, config_for, skewed_batches
+from tests.test_owned_ids import owned_config
+from tests.test_sparse import VOCAB, skewed_batches
 
 stream = skewed_batches(5, seed=3)
 out = {}
 for devices in (1, 4):
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
-    config = config_for(shard_embeddings=devices > 1, learning_rate=0.001, adaptive_hash_bucket_size=8,
-                        adaptive_promote_freq=2, ev_filter="counter", ev_filter_freq=2, dynamic_block_size=6,
-                        dynamic_thresholds=(2.0, 4.0), ev_elimination="l2", ev_l2_threshold=0.2)
-    config.embeddings.update(dict(uid="adaptive", mid="ev", cat="dynamic"))
+    config = owned_config(shard_embeddings=devices > 1)
     trainer = train.create_trainer(config, VOCAB, mesh=mesh, raw_ids=RAW_IDS, id_sizes=VOCAB)
     state = trainer.init_state(config)
     evicted = None
@@ -96,6 +105,12 @@ for devices in (1, 4):
         if step == 2:  # l2 eviction as a checkpoint save runs it: weights of the rows where they live
             evicted = trainer.host.evict(step + 1, lambda t: train._local_shards(
                 train._row_l2_weights(state.params[t]), whole=t not in trainer.host.owned))
+    if devices == 4:  # a checkpoint as training saves it, for the parent to read back whole
+        checkpointer = checkpoint_lib.Checkpointer(sys.argv[1], 0, 1)
+        checkpointer.save(len(stream), state, force=True, mesh=mesh, per_device=trainer.host.device_state_dicts(),
+                          extra={**trainer.host.state_dict(),
+                                 checkpoint_lib.TABLE_LAYOUT: np.array(list(trainer.table_layout().values()))})
+        checkpointer.close()
     readable = trainer.readable(state)
     mapped = trainer.host.map_batch(stream[0], 0, train=False)  # logical rows, as the steps take them
     looked_up = trainer.physical_ids(mapped)  # rows of the owner-major global arrays
@@ -123,10 +138,10 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_four_devices_mapping_the_ids_they_own_train_as_one_replicated_mapping():
+def test_four_devices_mapping_the_ids_they_own_train_as_one_replicated_mapping(tmp_path):
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
-    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(tmp_path / "checkpoints")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one, four = (json.loads(done.stdout.split("RESULT", 1)[1])[k] for k in ("1", "4"))
     assert one["owned"] == [] and four["owned"] == ["cat_table", "mid_table", "uid_table"]
@@ -139,3 +154,14 @@ def test_four_devices_mapping_the_ids_they_own_train_as_one_replicated_mapping()
         np.testing.assert_allclose(four["embeddings"][column], values, rtol=1e-5, atol=1e-7, err_msg=column)
     for left, right in zip(one["dense"], four["dense"]):
         np.testing.assert_allclose(right, left, rtol=1e-4, atol=2e-5)  # att_out's bias: float noise Adam scales
+
+    # Export's reading of that 4-device checkpoint on this 1-device process: whole tables, one mapping per feature
+    # (whole_tables.restore_whole), predicting as the 1-device run.
+    from din_jax import whole_tables
+    from tests.test_embedding_kinds import RAW_IDS
+    from tests.test_sparse import VOCAB, skewed_batches
+    trainer, (state, extra) = whole_tables.restore_whole(owned_config(True), VOCAB, VOCAB, str(tmp_path / "checkpoints"))
+    trainer.host.load_state_dict(extra)
+    trainer.host.raw_ids = RAW_IDS  # as train.load_data hashes tokens (export's encoder keys them so too)
+    mapped = trainer.host.map_batch(skewed_batches(5, seed=3)[0], 0, train=False)
+    np.testing.assert_allclose(trainer.eval_step(trainer.readable(state), mapped), one["probs"], rtol=1e-5, atol=1e-6)

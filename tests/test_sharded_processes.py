@@ -6,6 +6,9 @@ Its own module so that pytest-xdist (which hands out whole modules) runs it besi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 
 from tests.test_parallel import MIXED_TABLES, assert_same_training, launch, restored_state
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_ROWS = 100
 ROUTED = (f"--config.shard_min_rows={MIN_ROWS}",)  # the tiny data's uid and mid tables routed, its 20 categories replicated
 
@@ -33,6 +37,20 @@ def test_two_processes_with_sharded_tables_train_resume_and_evaluate_as_one_repl
     assert resumed.stdout.count("Resumed from checkpoint at step 3") == 2
     assert (tmp_path / "two" / "plots" / "attention.png").is_file()  # its rows gathered from both processes
     assert_same_training(tmp_path / "one", tmp_path / "two", 6, routed_min_rows=MIN_ROWS)
+    assert_same_exports(tmp_path / "one", tmp_path / "two")
+
+
+def assert_same_exports(one, two) -> None:
+    """Both runs exported (tables split over devices come back whole) score the test split alike."""
+    scores = []
+    for workdir in (one, two):
+        for command in (["din_jax.export", "--workdir", str(workdir), "--out", str(workdir / "export")],
+                        ["din_jax.predict", "--model", str(workdir / "export"), "--input",
+                         str(one / "data" / "local_test_splitByUser"), "--output", str(workdir / "scores.txt")]):
+            done = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+        scores.append(np.loadtxt(workdir / "scores.txt")[:, 0])
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-5, atol=1e-6)
 
 
 # Slow (CI runs it): test_owned_ids trains the three raw-id kinds split over 4 devices against one replicated mapping,
@@ -58,3 +76,4 @@ def test_two_processes_mapping_the_ids_they_own_resume_and_evaluate_as_one_proce
     dense = [{k: v for k, v in p.items() if not k.endswith("_table")} for p in params]
     for (path, left), right in zip(jax.tree_util.tree_flatten_with_path(dense[0])[0], jax.tree.leaves(dense[1])):
         np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert_same_exports(tmp_path / "one", tmp_path / "two")  # each device's id mappings merged into one per table
