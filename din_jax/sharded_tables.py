@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from din_jax.embedding import gather_rows, table_ids_host
+from din_jax.embedding import gather_rows, table_ids_host, unique_ids
 from din_jax.model import TABLES, lookup_columns
 
 Array = jax.Array
@@ -100,15 +100,40 @@ def _buckets(ids: Array, rows: int, shards: int, capacity: int) -> tuple[Array, 
     return owner, slot, send
 
 
+# Batch columns (after a routed table's name) that carry its Route's requester half computed on the host
+# (host_routes): each unique lookup's owner and slot, and the [N * C] local rows sent to the owners.
+ROUTE_OWNER, ROUTE_SLOT, ROUTE_SEND = "_route_owner", "_route_slot", "_route_send"
+
+
+def host_routes(ids: np.ndarray, rows: int, shards: int, capacity: int) -> dict[str, np.ndarray]:
+    """_buckets on the host: the route columns of sorted unique ids padded with `rows` (one device's shard)."""
+    q = rows_per_shard(rows, shards)
+    real = ids < rows
+    owner = np.where(real, ids % shards, shards).astype(np.int32)
+    counts = np.bincount(owner, minlength=shards + 1)
+    order = np.argsort(owner, kind="stable")
+    slot = np.empty_like(owner)
+    slot[order] = np.arange(ids.size) - (np.cumsum(counts) - counts)[owner[order]]
+    send = np.full((shards, capacity), q, np.int32)
+    send[owner[real], slot[real]] = ids[real] // shards
+    return {ROUTE_OWNER: owner, ROUTE_SLOT: slot, ROUTE_SEND: send.reshape(-1)}
+
+
 def _all_to_all(x: Array, axis_name: str) -> Array:
     """[N, ...] -> [N, ...]: block p goes to device p; block p of the result came from device p."""
     return jax.lax.all_to_all(x, axis_name, 0, 0, tiled=True)
 
 
-def gather_routed(shard: Array, ids: Array, rows: int, capacity: int, axis_name: str) -> tuple[Array, Route]:
-    """The rows [U, D] of this device's unique ids (sorted, padded with `rows`: zeros) from their owners."""
+def gather_routed(shard: Array, ids: Array, rows: int, capacity: int, axis_name: str,
+                  routes: Mapping[str, Array] | None = None) -> tuple[Array, Route]:
+    """The rows [U, D] of this device's unique ids (sorted, padded with `rows`: zeros) from their owners; `routes`:
+    host_routes' columns for them, when the host computed them (else bucketed here)."""
     shards = jax.lax.axis_size(axis_name)
-    owner, slot, send = _buckets(ids, rows, shards, capacity)
+    if routes is None:
+        owner, slot, send = _buckets(ids, rows, shards, capacity)
+    else:
+        owner, slot = routes[ROUTE_OWNER], routes[ROUTE_SLOT]
+        send = routes[ROUTE_SEND].reshape(shards, capacity)
     requested = _all_to_all(send, axis_name)                                             # [N, C]
     served = gather_rows(shard, requested.reshape(-1)).reshape(shards, capacity, -1)     # [N, C, D]
     received = _all_to_all(served, axis_name)
@@ -123,8 +148,8 @@ def owner_gradients(grads: Array, route: Route, rows_here: int, axis_name: str) 
         grads, mode="drop")
     received = _all_to_all(send, axis_name).reshape(shards * capacity, -1)
     requested = route.requested.reshape(-1)
-    local, inverse = jnp.unique(requested, size=requested.shape[0], fill_value=rows_here, return_inverse=True)
-    summed = jax.ops.segment_sum(received, inverse.reshape(-1), requested.shape[0])
+    local, inverse = unique_ids(requested, rows_here, requested.shape[0])  # a presence map when Q is small
+    summed = jax.ops.segment_sum(received, inverse, requested.shape[0])
     return local, summed
 
 

@@ -27,7 +27,7 @@ from din_jax import config_check, jsonfile, parallel, plots
 from din_jax import incremental as incremental_lib
 from din_jax.metrics import StreamingMetrics
 from din_jax import sharded_tables
-from din_jax.embedding import (RowLookup, embedded_from_rows, gather_rows, host_row_lookups, initialise_rows,
+from din_jax.embedding import (LOOKUP_IDS, RowLookup, embedded_from_rows, gather_rows, host_row_lookups, initialise_rows,
                                pop_host_lookups, row_lookups, scatter_rows,
                                split_tables, touched_ids, unique_ids)
 from din_jax.feed import QUEUE_DONE, WorkQueueFeed
@@ -229,7 +229,7 @@ def train_step(model: DIN, optimizer: Optimizer, sparse: bool, micro_batch: int,
     tables, dense = split_tables(state.params)
 
     if sparse and routed is not None:
-        batch, lookups, rows, routes = _sharded_lookups(model, tables, batch, routed, axis_name)
+        batch, lookups, rows, routes = _sharded_lookups(model, tables, batch, routed, axis_name, host_lookups)
         table_params = _table_stand_ins(model, tables)
     elif sparse:
         lookups = host_lookups or global_row_lookups(batch, {k: v.shape[0] for k, v in tables.items()}, axis_name,
@@ -323,20 +323,26 @@ def _update_rows(optimizer: Optimizer, name: str, state: TrainState, ids: jax.Ar
             table_slots)
 
 
-def _sharded_lookups(model: DIN, tables: dict[str, jax.Array], batch: Batch, routed: tuple[str, ...], axis_name: str
+def _sharded_lookups(model: DIN, tables: dict[str, jax.Array], batch: Batch, routed: tuple[str, ...], axis_name: str,
+                     host_lookups: dict[str, RowLookup] | None = None
                      ) -> tuple[Batch, dict[str, RowLookup], dict[str, jax.Array], dict[str, Any]]:
     """This device's own lookups (unique ids of its shard) and their rows: routed tables' from the rows' owners
     (sharded_tables.gather_routed, the capacity read from the batch), replicated tables' from the local copy.
-    Returns (batch without the capacity placeholders, lookups, rows, routes of the routed tables)."""
+    host_lookups: the lookups found on the host (Trainer._host_routes; the batch then carries the routes too).
+    Returns (batch without the capacity placeholders and host routes, lookups, rows, routes of the routed tables)."""
     capacities = {name: sharded_tables.capacity_of(batch, name) for name in routed}
-    batch = sharded_tables.without_capacities(batch)
+    route_columns = (sharded_tables.ROUTE_OWNER, sharded_tables.ROUTE_SLOT, sharded_tables.ROUTE_SEND)
+    host_routes = {name: {c: batch[name + c] for c in route_columns} for name in routed
+                   if name + route_columns[0] in batch}
+    batch = {k: v for k, v in sharded_tables.without_capacities(batch).items() if not k.endswith(route_columns)}
+    batch, host_lookups = (batch, host_lookups) if host_lookups is not None else pop_host_lookups(batch)
     sizes = {name: model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
-    lookups = row_lookups(batch, sizes, dict(model.table_specs))
+    lookups = host_lookups or row_lookups(batch, sizes, dict(model.table_specs))
     rows, routes = {}, {}
     for name, table in tables.items():
         if name in routed:
             rows[name], routes[name] = sharded_tables.gather_routed(table, lookups[name].ids, sizes[name],
-                                                                    capacities[name], axis_name)
+                                                                    capacities[name], axis_name, host_routes.get(name))
         else:
             rows[name] = gather_rows(table, lookups[name].ids)
     return batch, lookups, rows, routes
@@ -714,7 +720,26 @@ class Trainer:
         if train and self.host_lookups:
             sizes = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
             batch = {**batch, **host_row_lookups(batch, sizes, dict(self.model.table_specs))}
+        if self.routed and any(key.endswith(sharded_tables.CAPACITY) for key in batch):
+            batch = {**batch, **self._host_routes(batch)}
         return batch
+
+    def _host_routes(self, batch: Batch) -> Batch:
+        """Each local device's row lookups and the requester half of its routes (sharded_tables.host_routes), found
+        by numpy on the host (the prefetch thread) instead of by XLA's sorts on the step's critical path."""
+        sizes = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
+        devices = parallel.local_shards(self.mesh)
+        pieces = []
+        for k in range(devices):
+            piece = {c: v[k * v.shape[0] // devices:(k + 1) * v.shape[0] // devices] for c, v in batch.items()
+                     if not c.endswith(sharded_tables.CAPACITY)}
+            found = host_row_lookups(piece, sizes, dict(self.model.table_specs))
+            for name in self.routed:
+                capacity = batch[name + sharded_tables.CAPACITY].shape[0] // devices
+                found.update({name + k: v for k, v in sharded_tables.host_routes(
+                    found[name + LOOKUP_IDS], sizes[name], self.mesh.size, capacity).items()})
+            pieces.append(found)
+        return {c: np.concatenate([p[c] for p in pieces]) for c in pieces[0]}
 
     def plan_capacities(self, local_batches: Iterator[Batch]) -> dict[str, int]:
         """The routed tables' all-to-all capacities for a run of batches (an epoch, an evaluation): the fullest owner

@@ -52,6 +52,18 @@ def test_buckets_send_each_unique_id_to_its_owner_once():
     assert np.asarray(send).tolist() == [[0, 3, 3], [0, 1, 2], [0, 1, 3], [3, 3, 3]]
 
 
+def test_host_routes_are_the_steps_own_buckets():
+    rng = np.random.default_rng(0)
+    for rows, shards in ((10, 4), (1000, 3), (7, 2)):
+        ids = np.unique(rng.integers(0, rows + 1, 40)).astype(np.int32)  # sorted unique, maybe padding (= rows)
+        owner, slot, send = sharded_tables._buckets(jnp.asarray(ids), rows, shards, capacity=16)
+        host = sharded_tables.host_routes(ids, rows, shards, capacity=16)
+        np.testing.assert_array_equal(host[sharded_tables.ROUTE_OWNER], owner)
+        real = ids < rows  # padding ids' slots are never read
+        np.testing.assert_array_equal(host[sharded_tables.ROUTE_SLOT][real], np.asarray(slot)[real])
+        np.testing.assert_array_equal(host[sharded_tables.ROUTE_SEND], np.asarray(send).reshape(-1))
+
+
 def test_bucket_counts_count_unique_real_lookups_per_owner_and_device():
     batch = {"weight": np.array([1, 1, 1, 0], np.float32), "uid": np.array([1, 1, 2, 3]),
              "mid": np.array([4, 5, 6, 7]), "hist_mids": np.array([[4, 8], [0, 0], [9, 1], [7, 7]]),
@@ -81,8 +93,10 @@ for devices in (1, 2, 4):
                         micro_batch=2)  # gradients of two slices accumulated before the routed update
     trainer = train.create_trainer(config, VOCAB, mesh=mesh)
     state = trainer.init_state(config)
+    capacities = trainer.plan_capacities(iter(stream))  # as the loop plans an epoch: routes found on the host
     for batch in stream:
-        state, metrics = trainer.train_step(state, batch)
+        planned = trainer.prepare(trainer.with_capacities(batch, capacities), train=True) if capacities else batch
+        state, metrics = trainer.train_step(state, planned, prepared=bool(capacities))
         jax.block_until_ready(metrics)
     readable = trainer.readable(state)
     probs = np.asarray(trainer.eval_step(readable, stream[0]))
