@@ -136,7 +136,8 @@ class Checkpointer:
                                   "pass a writable --workdir or --config.checkpoint_dir") from None
         options = ocp.CheckpointManagerOptions(max_to_keep=max(keep_max, 1), create=True,
                                                enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, EXTRA_ITEM, PER_DEVICE_ITEM))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=(STATE_ITEM, EXTRA_ITEM, PER_DEVICE_ITEM))
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""

@@ -59,7 +59,8 @@ def create_mappings(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str,
                     id_sizes: Mapping[str, int]) -> dict[str, ev.IdMapping]:
     """The mapping of every table for `config`: vocabulary kinds sized by `vocab_sizes`; raw-id kinds hold up to
     config.ev_capacity rows (0: as many as the data's distinct ids, `id_sizes`)."""
-    return {table: _mapping(config, table, kind, vocab_sizes, config.ev_capacity or id_sizes[table.removesuffix("_table")])
+    return {table: _mapping(config, table, kind, vocab_sizes,
+                            config.ev_capacity or id_sizes[table.removesuffix("_table")])
             for table, kind in table_kinds(config).items()}
 
 

@@ -116,9 +116,6 @@ class OwnedTable:
         except ev.CapacityError as e:
             raise ev.CapacityError(f"{e} (device {self.devices[k]} of {self.shards}: config.ev_capacity is split "
                                    "over the devices)") from None
-        if lookup.num_rows != self.rows_per_shard:
-            raise ev.CapacityError(f"embedding '{mapping.name}' is full on device {self.devices[k]} "
-                                   f"({self.rows_per_shard} rows); raise config.ev_capacity")
         first = np.cumsum(counts[real]) - counts[real]
         reply = np.zeros((ids.size, 2), np.int32)
         reply[:, 0] = self.rows_per_shard
@@ -254,8 +251,10 @@ def map_owned(tables: Sequence[OwnedTable], batch: Batch, step: int, train: bool
 def device_states(tables: Mapping[str, OwnedTable]) -> list[dict[str, np.ndarray]]:
     """Per local device, the state of its shard of every owned table, as flat named arrays."""
     devices = len(next(iter(tables.values())).devices)
-    return [{f"embedding/{name}/{key}": value for name, t in tables.items()
-             for key, value in t.mappings[k].state_dict().items()} for k in range(devices)]
+    return [{**{f"embedding/{name}/{key}": value for name, t in tables.items()
+                for key, value in t.mappings[k].state_dict().items()},
+             **{f"owned/{name}/latest_step": np.array(t.latest_step) for name, t in tables.items()}}
+            for k in range(devices)]
 
 
 def load_device_states(tables: Mapping[str, OwnedTable], states: Sequence[Mapping[str, np.ndarray]]) -> None:
@@ -266,6 +265,7 @@ def load_device_states(tables: Mapping[str, OwnedTable], states: Sequence[Mappin
             state = {key[len(prefix):]: v for key, v in arrays.items() if key.startswith(prefix)}
             if state:
                 t.mappings[k].load_state_dict(state)
+            t.latest_step = int(arrays.get(f"owned/{name}/latest_step", t.latest_step))
 
 
 def merged_state(kind: str, states: Sequence[Mapping[str, np.ndarray]], hash_buckets: int = 0

@@ -27,9 +27,9 @@ from din_jax import config_check, jsonfile, parallel, plots
 from din_jax import incremental as incremental_lib
 from din_jax.metrics import StreamingMetrics
 from din_jax import sharded_tables
-from din_jax.embedding import (LOOKUP_IDS, RowLookup, embedded_from_rows, gather_rows, host_row_lookups, initialise_rows,
-                               pop_host_lookups, row_lookups, scatter_rows,
-                               split_tables, touched_ids, unique_ids)
+from din_jax.embedding import (LOOKUP_IDS, RowLookup, embedded_from_rows, gather_rows, host_row_lookups,
+                               initialise_rows, pop_host_lookups, row_lookups, scatter_rows, split_tables,
+                               touched_ids, unique_ids)
 from din_jax.feed import QUEUE_DONE, WorkQueueFeed
 from din_jax import ev
 from din_jax.host_embeddings import (INIT_SLOTS, INIT_SOURCES, RAW_ID_KINDS, HostEmbeddings, create_mappings,

@@ -131,7 +131,8 @@ for devices in (1, 4):
             foreign += int((owned_ids.owners(held, devices, buckets) != device).sum())
     out[devices] = {"loss": float(metrics["loss"]), "probs": np.asarray(trainer.eval_step(readable, mapped)).tolist(),
                     "embeddings": embeddings, "evicted": evicted, "owned": sorted(trainer.host.owned),
-                    "foreign": foreign, "rows_held": {t: m.stats()["rows_held"] for t, m in trainer.host.mappings.items()},
+                    "foreign": foreign,
+                    "rows_held": {t: m.stats()["rows_held"] for t, m in trainer.host.mappings.items()},
                     "dense": [np.asarray(v).tolist() for k, v in sorted(readable.params.items()) if k not in TABLES
                               for v in jax.tree.leaves(v)]}
 print("RESULT" + json.dumps(out))
@@ -160,7 +161,8 @@ def test_four_devices_mapping_the_ids_they_own_train_as_one_replicated_mapping(t
     from din_jax import whole_tables
     from tests.test_embedding_kinds import RAW_IDS
     from tests.test_sparse import VOCAB, skewed_batches
-    trainer, (state, extra) = whole_tables.restore_whole(owned_config(True), VOCAB, VOCAB, str(tmp_path / "checkpoints"))
+    trainer, (state, extra) = whole_tables.restore_whole(owned_config(True), VOCAB, VOCAB,
+                                                         str(tmp_path / "checkpoints"))
     trainer.host.load_state_dict(extra)
     trainer.host.raw_ids = RAW_IDS  # as train.load_data hashes tokens (export's encoder keys them so too)
     mapped = trainer.host.map_batch(skewed_batches(5, seed=3)[0], 0, train=False)

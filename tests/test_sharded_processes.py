@@ -70,7 +70,8 @@ def test_two_processes_mapping_the_ids_they_own_resume_and_evaluate_as_one_proce
     for name in ("auc", "gauc", "accuracy", "logloss"):
         assert metrics[1][name] == pytest.approx(metrics[0][name], rel=1e-6), name
     # Rows sit elsewhere (each id with its owner), the dense parameters are the same.
-    params = [restored_state(w / "checkpoints" / "8" / "default")["params"] for w in (tmp_path / "one", tmp_path / "two")]
+    params = [restored_state(w / "checkpoints" / "8" / "default")["params"]
+              for w in (tmp_path / "one", tmp_path / "two")]
     for p in params:
         p["attention_unit"]["att_out"].pop("bias")  # softmax-invariant: float noise Adam scales (test_parallel)
     dense = [{k: v for k, v in p.items() if not k.endswith("_table")} for p in params]
