@@ -1,5 +1,5 @@
 """Tables split over devices with lookups routed to their owners (din_jax.sharded_tables): layout, buckets, and
-training on 1, 2 and 4 devices equal to one device."""
+training on 4 devices equal to one device."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ from tests.test_sparse import VOCAB, config_for, skewed_batches
 
 stream = skewed_batches(4, seed=5)
 out = {}
-for devices in (1, 2, 4):
+for devices in (1, 4):  # 2 devices: tests/test_sharded_processes.py (slow) trains 2 processes
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     config = config_for(shard_embeddings=devices > 1, shard_min_rows=VOCAB["uid"], optimizer=sys.argv[1],
                         learning_rate=0.001,  # DeepRec's: Adam turns float noise into steps of about lr
@@ -110,7 +110,7 @@ print("RESULT" + json.dumps(out))
 
 
 @pytest.mark.parametrize("optimizer", ["adam", pytest.param("adagraddecay", marks=pytest.mark.slow)])
-def test_two_and_four_devices_with_routed_tables_train_as_one_device(optimizer):
+def test_four_devices_with_routed_tables_train_as_one_device(optimizer):
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
     done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, optimizer], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -118,7 +118,7 @@ def test_two_and_four_devices_with_routed_tables_train_as_one_device(optimizer):
     result = json.loads(done.stdout.split("RESULT", 1)[1])
     one = result["1"]
     assert one["spec"] == "P()" and result["4"]["spec"] == "P('data',)"
-    for devices in ("2", "4"):
+    for devices in ("4",):
         many = result[devices]
         assert many["loss"] == pytest.approx(one["loss"], rel=1e-6)
         real = skewed_batches(4, seed=5)[0]["weight"] > 0  # padding rows' probabilities are not defined
