@@ -173,9 +173,15 @@ class HostEmbeddings:
         """Rows of each device table, by feature name (the model's vocab_sizes)."""
         return {table.removesuffix("_table"): m.num_rows for table, m in self.mappings.items()}
 
-    def map_batch(self, batch: Batch, step: int, train: bool) -> Batch:
+    def request(self, batch: Batch) -> owned_ids.Requests | None:
+        """Sends this process's share of a batch's ids to their owners ahead of map_batch (None: no owned tables).
+        Every process must request the same batches in the same order, and map them in that order."""
+        return owned_ids.request_owned(list(self.owned.values()), batch, self.mesh) if self.owned else None
+
+    def map_batch(self, batch: Batch, step: int, train: bool, requests: owned_ids.Requests | None = None) -> Batch:
         """`batch` with every id column replaced by rows (plus second rows / live blocks and, when training,
-        the rows to initialise before the step). Padding rows and masked history positions look nothing up."""
+        the rows to initialise before the step). Padding rows and masked history positions look nothing up.
+        requests: what request(batch) sent ahead (owned tables; else they are sent now)."""
         out = dict(batch)
         real_rows = np.asarray(batch["weight"]) > 0
         for table, mapping in self.mappings.items():
@@ -214,7 +220,9 @@ class HostEmbeddings:
                 sources[:len(lookup.init_sources)] = lookup.init_sources
                 out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources
         if self.owned:  # each local device's rows to initialise are its own (the column is split over devices)
-            columns, init = owned_ids.map_owned(list(self.owned.values()), batch, step, train, self.mesh)
+            tables = list(self.owned.values())
+            requests = requests or owned_ids.request_owned(tables, batch, self.mesh)
+            columns, init = owned_ids.answer_owned(tables, requests, step, train, self.mesh)
             out.update(columns)
             for table, (slots, sources) in init.items():
                 out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources

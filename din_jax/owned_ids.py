@@ -12,7 +12,7 @@ mod N with B its hash buckets, so the ids that share a hashed row share its owne
 d + N, ...). Every process knows every token's raw id (train.Data.raw_ids), so the owner of each vocabulary
 index is one array lookup.
 
-Mapping a batch (`map_owned`), on every process, step after step:
+Mapping a batch (`request_owned`, then `answer_owned`), on every process, step after step:
   1. requests: each local device's share of the batch, its unique vocabulary indices and how often each is
      looked up, bucketed by owner into [N, C] (C: the capacity planned for the epoch, as for routed tables);
   2. one all_to_all (`exchange`, a jitted shard_map) takes every bucket to its owner, as int32 pairs;
@@ -35,7 +35,7 @@ writes each process's rows); a run restores it on the same device count only (ch
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -190,9 +190,18 @@ def _swap(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
 
 def exchange(blocks: np.ndarray, mesh: Mesh) -> np.ndarray:
     """This process's devices' [L * N, ...] int32 blocks (device-major) -> the blocks every device sent them."""
-    if mesh.size == 1:
-        return blocks
-    swapped = _swap(mesh)(parallel.global_batch({"x": blocks}, mesh)["x"])
+    return _arrived(_dispatched(blocks, mesh))
+
+
+def _dispatched(blocks: np.ndarray, mesh: Mesh) -> np.ndarray | jax.Array:
+    """exchange's all_to_all, started (jax dispatches it asynchronously) but not waited for."""
+    return blocks if mesh.size == 1 else _swap(mesh)(parallel.global_batch({"x": blocks}, mesh)["x"])
+
+
+def _arrived(swapped: np.ndarray | jax.Array) -> np.ndarray:
+    """The result of a _dispatched exchange on this host (waits for it)."""
+    if isinstance(swapped, np.ndarray):
+        return swapped
     return np.concatenate([np.asarray(s.data) for s in sorted(swapped.addressable_shards,
                                                                key=lambda s: s.index[0].start or 0)])
 
@@ -211,11 +220,18 @@ def capacities_for(tables: Sequence[OwnedTable], batch: Batch, local_shards: int
     return planned
 
 
-def map_owned(tables: Sequence[OwnedTable], batch: Batch, step: int, train: bool, mesh: Mesh
-              ) -> tuple[Batch, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """(the id columns of every owned table of this process's share of a batch as logical rows, per table the
-    (slots, sources) each local device initialises before a training step, device after device), by the exchange
-    of the module docstring."""
+class Requests(NamedTuple):
+    """One batch's requests, sent to the owners (request_owned) and not yet answered (answer_owned)."""
+
+    pieces: list[Batch]                        # each local device's share of the batch
+    sent: list[list[tuple[np.ndarray, ...]]]   # per device and table: requests()' (owner, slot, inverse)
+    edges: np.ndarray                          # where each table's buckets start in the exchanged blocks
+    received: np.ndarray | jax.Array           # the exchange under way: what every device asked of this one's
+
+
+def request_owned(tables: Sequence[OwnedTable], batch: Batch, mesh: Mesh) -> Requests:
+    """Sends each local device's requests for this process's share of a batch to the owners (module docstring,
+    steps 1-2). The exchange runs asynchronously: a batch's requests can go out before the previous train step."""
     local_shards = len(tables[0].devices)
     capacities = capacities_for(tables, batch, local_shards)
     size = batch["weight"].shape[0] // local_shards
@@ -224,8 +240,17 @@ def map_owned(tables: Sequence[OwnedTable], batch: Batch, step: int, train: bool
     sent = [[t.requests(piece, capacities[t.table]) for t in tables] for piece in pieces]
     edges = np.cumsum([0] + [capacities[t.table] for t in tables])
     # One exchange for every table: their buckets side by side, [L * N, sum of capacities, 2].
-    received = exchange(np.concatenate([np.concatenate([s[0] for s in row], axis=1) for row in sent]), mesh)
-    received = received.reshape(local_shards, tables[0].shards, -1, 2)
+    blocks = np.concatenate([np.concatenate([s[0] for s in row], axis=1) for row in sent])
+    return Requests(pieces, [[s[1] for s in row] for row in sent], edges, _dispatched(blocks, mesh))
+
+
+def answer_owned(tables: Sequence[OwnedTable], requests: Requests, step: int, train: bool, mesh: Mesh
+                 ) -> tuple[Batch, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The owners map what they were sent (at `step`, in step order) and answer (module docstring, steps 3-4).
+    Returns (the id columns of every owned table as logical rows, per table the (slots, sources) each local
+    device initialises before a training step, device after device)."""
+    local_shards, edges = len(tables[0].devices), requests.edges
+    received = _arrived(requests.received).reshape(local_shards, tables[0].shards, -1, 2)
     replies, inits = [], {}
     for k in range(local_shards):
         row = []
@@ -238,7 +263,7 @@ def map_owned(tables: Sequence[OwnedTable], batch: Batch, step: int, train: bool
     out: Batch = {}
     init: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, t in enumerate(tables):
-        parts = [t.columns(pieces[k], sent[k][i][1], answered[k, :, edges[i]:edges[i + 1]])
+        parts = [t.columns(requests.pieces[k], requests.sent[k][i], answered[k, :, edges[i]:edges[i + 1]])
                  for k in range(local_shards)]
         out.update({c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
         if train:

@@ -546,6 +546,7 @@ class _PlanSource:
         # whole global batch (so every process's mapping stays the same); then the batch is cut and packed.
         self._trainer, self._step = trainer, first_step
         self._map = trainer.host.active
+        self._ahead: tuple[_Item, Batch, Any] | None = None  # owned tables: the next batch, its ids already sent
         self._whole = trainer.host.stateful or bool(config.incremental_ckpt)
         items = _train_items(split, config, trainer, first_step, whole=self._whole)
         prepare = ((lambda item: item.batch) if self._map  # noqa: E731
@@ -554,11 +555,21 @@ class _PlanSource:
             Prefetcher(items, prepare, config.prefetch_depth, transfer=not self._map) if config.smartstaged
             else ((item, prepare(item)) for item in items))
 
-    def next(self) -> tuple[int, Batch]:
-        """(examples in the whole global batch, this process's prepared share)."""
+    def _fetch(self) -> tuple[_Item, Batch, Any]:
+        """The next batch, its ids sent to their owners already when tables map them there (HostEmbeddings.request)."""
         item, prepared = next(self._batches)
+        return item, prepared, self._trainer.host.request(prepared) if self._map else None
+
+    def next(self) -> tuple[int, Batch]:
+        """(examples in the whole global batch, this process's prepared share).
+
+        With owned tables (din_jax.owned_ids) the next batch's ids go to their owners before this one is mapped, so
+        that exchange runs ahead of this step's train step and the owners' mapping of the next batch waits for
+        nothing but it: the host maps while the device trains."""
+        item, prepared, requests = self._ahead or self._fetch()
+        self._ahead = self._fetch() if self._trainer.host.owned else None
         if self._map:
-            mapped = self._trainer.host.map_batch(prepared, self._step, train=True)
+            mapped = self._trainer.host.map_batch(prepared, self._step, train=True, requests=requests)
             prepared = self._trainer.prepare(self._trainer.local_share(mapped) if self._whole else mapped,
                                              item.pack_size, train=True)
         self._step += 1
