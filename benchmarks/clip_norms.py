@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from configs import default
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import train
+from din_jax import steps, train
 from din_jax.model import DIN, history_positions
 from input_pipeline import batches as batches_lib
 
@@ -34,7 +34,7 @@ def norms(model: DIN, params, batch) -> dict[str, tuple[float, float]]:
     def loss(e):
         logits, _ = model.apply({"params": params}, {**embedded, **e}, batch["weight"],
                                 method=DIN.from_embedded)
-        return train.weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"])
+        return steps.weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"])
 
     grads = jax.grad(loss)(floats)
     flat, _ = history_positions(batch)

@@ -13,8 +13,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from din_jax import report
-from din_jax.checkpoint import CheckpointError, Interrupted
-from din_jax.config_check import ConfigError
 from input_pipeline.errors import DataError
 
 FLAGS = flags.FLAGS
@@ -133,13 +131,15 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     std_logging.getLogger("asyncio").addFilter(_QuietLibraries())  # whichever handler would print its reports
     sys.unraisablehook = _unraisable
-    from din_jax import parallel, train  # imported here so that --help and flag errors stay fast
-
     try:
         config = FLAGS.config
         config.get("dataset")  # a config file that failed to load raises here
     except (OSError, SyntaxError, ImportError, AttributeError) as e:
         _exit(f"cannot load the config file given by --config ({_one_line(e)}); pass a file such as configs/default.py")
+    # Imported only now (jax, orbax: ~1.5 s) so that --help, flag errors and a bad config file answer at once.
+    from din_jax import parallel, train
+    from din_jax.checkpoint import CheckpointError, Interrupted
+    from din_jax.config_check import ConfigError
     try:
         cluster = parallel.resolve_cluster(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         parallel.limit_cpus(config.intra)  # before the first computation sizes XLA's thread pool

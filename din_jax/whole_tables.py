@@ -19,13 +19,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import owned_ids, parallel, sharded_tables, train
+from din_jax import owned_ids, parallel, sharded_tables
+from din_jax.steps import TrainState
+from din_jax.trainer import Trainer, create_trainer
 from din_jax.host_embeddings import table_kinds
 from din_jax.model import TABLES
 
 
 def restore_whole(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, int], id_sizes: Mapping[str, int],
-                  checkpoint_dir: str) -> tuple[train.Trainer, tuple[train.TrainState, dict[str, np.ndarray]] | None]:
+                  checkpoint_dir: str) -> tuple[Trainer, tuple[TrainState, dict[str, np.ndarray]] | None]:
     """(a single-device Trainer for `config`, (state, host-side arrays) of the newest checkpoint in
     `checkpoint_dir` with whole tables, or None when there is none); raises checkpoint_lib.CheckpointError."""
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, 0, config.keep_checkpoint_max)
@@ -33,7 +35,7 @@ def restore_whole(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, i
         extra = checkpointer.latest_extra()
         layout = dict(zip(TABLES, (int(n) for n in extra.get(checkpoint_lib.TABLE_LAYOUT, [1] * len(TABLES)))))
         if max(layout.values()) == 1:
-            trainer = train.create_trainer(config, dict(vocab_sizes), id_sizes=dict(id_sizes))
+            trainer = create_trainer(config, dict(vocab_sizes), id_sizes=dict(id_sizes))
             return trainer, checkpointer.restore_latest_with_extra(trainer.init_state(config))
         mesh = Mesh(np.array(jax.devices()[:1]), (parallel.DATA_AXIS,))
         per_device = checkpointer.restore_per_device(mesh, extra)
@@ -54,7 +56,7 @@ def restore_whole(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, i
                 rows = vocab_sizes[feature]
                 physical[table] = sharded_tables.physical_ids(np.arange(rows), rows, shards)
                 split_rows[table] = shards * sharded_tables.rows_per_shard(rows, shards)
-        trainer = train.create_trainer(whole_config, dict(vocab_sizes), id_sizes=sizes)
+        trainer = create_trainer(whole_config, dict(vocab_sizes), id_sizes=sizes)
         restored = checkpointer.restore_latest_with_extra(_with_rows(trainer.init_state(whole_config), split_rows))
     finally:
         checkpointer.close()
@@ -69,7 +71,7 @@ def restore_whole(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, i
     return trainer, (state, extra)
 
 
-def _with_rows(state: train.TrainState, rows: Mapping[str, Any]) -> train.TrainState:
+def _with_rows(state: TrainState, rows: Mapping[str, Any]) -> TrainState:
     """`state` with these tables' rows (and optimizer rows) replaced: an int -> that many zero rows (a restore
     target of the split shape), an index array -> the rows it picks."""
     def pick(leaf: jax.Array, table: str) -> jax.Array:

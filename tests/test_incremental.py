@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from din_jax import parallel, train
+from din_jax import parallel, steps, train
+from din_jax import trainer as trainer_lib
 from din_jax.checkpoint import Checkpointer
 from din_jax.incremental import IncrementalCheckpointer, IncrementalCheckpointError, state_bytes
 from launch.local import free_port
@@ -68,7 +69,7 @@ class Run(NamedTuple):
     """A trained run: the orbax checkpoint of BASE and the increments of SAVES in `directory`."""
 
     directory: str
-    trainer: train.Trainer
+    trainer: trainer_lib.Trainer
     config: ml_collections.ConfigDict
     states: dict[int, Any]                   # step -> the train state after it, as numpy
     touched: dict[int, dict[str, np.ndarray]]  # save step -> the rows touched since the previous save
@@ -240,7 +241,7 @@ TOY_TOUCHED = [  # per step, the rows each of the two processes touches
 ]
 
 
-def toy_state(mesh, shard: bool) -> train.TrainState:
+def toy_state(mesh, shard: bool) -> steps.TrainState:
     """A small train state of the real layout (bf16 and int row slots included), tables split by rows when `shard`."""
 
     def create():
@@ -251,13 +252,13 @@ def toy_state(mesh, shard: bool) -> train.TrainState:
                      "rows": {name: {"acc": jnp.ones([rows, 3]), "power": jnp.zeros([rows], jnp.int32)}
                               for name, rows in TOY_ROWS.items()},
                      "tables": {name: {"beta1_power": jnp.ones([])} for name in TOY_ROWS}}
-        return train.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=opt_state)
+        return steps.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=opt_state)
 
-    specs = train.state_specs(jax.eval_shape(create), parallel.DATA_AXIS, tuple(TOY_ROWS) if shard else ())
+    specs = steps.state_specs(jax.eval_shape(create), parallel.DATA_AXIS, tuple(TOY_ROWS) if shard else ())
     return jax.jit(create, out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), specs))()
 
 
-def toy_step(state: train.TrainState, touched: dict[str, Any]) -> train.TrainState:
+def toy_step(state: steps.TrainState, touched: dict[str, Any]) -> steps.TrainState:
     """Changes the touched rows and every non-row leaf, as a train step does; shardings kept."""
 
     def step(state):

@@ -91,7 +91,7 @@ def test_forward_matches_numpy_deeprec_graph(attention):
 def test_packed_and_grid_histories_give_the_reference_logits_and_equal_gradients(attention):
     """A packed batch (segment operations) and the same batch unpacked (the [B, T] grid's reshapes) agree."""
     from din_jax.packing import pack_history
-    from din_jax.train import weighted_sigmoid_cross_entropy
+    from din_jax.steps import weighted_sigmoid_cross_entropy
     grid = random_batch()
     packed = pack_history(grid, granularity=4, floor=16)  # 10 real positions padded to 16
     model = DIN(vocab_sizes=VOCAB, attention=attention)

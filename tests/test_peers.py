@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from benchmarks import books_shaped  # noqa: E402
 from benchmarks.peers import torch_din  # noqa: E402
 from configs import default  # noqa: E402
-from din_jax import optim, train  # noqa: E402
+from din_jax import optim, steps, train  # noqa: E402
 from input_pipeline import batches as batches_lib  # noqa: E402
 
 VOCAB = {"uid": 50, "mid": 80, "cat": 9}
@@ -68,7 +68,7 @@ def test_torch_gradients_equal_din_jax(din_jax_run):
 
     def loss_fn(p):
         logits, _ = trainer.model.apply({"params": p}, jax.tree.map(jnp.asarray, batch))
-        return train.weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"])
+        return steps.weighted_sigmoid_cross_entropy(logits, batch["label"], batch["weight"])
 
     expected = jax.grad(loss_fn)(params)
     model = torch_trainer(params, "dense").model

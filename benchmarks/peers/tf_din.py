@@ -116,7 +116,7 @@ class TFDIN(tf.Module):
 
 
 def weighted_sigmoid_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
-    """Mean sigmoid cross-entropy over the weight-1 rows (din_jax.train.weighted_sigmoid_cross_entropy)."""
+    """Mean sigmoid cross-entropy over the weight-1 rows (din_jax.steps.weighted_sigmoid_cross_entropy)."""
     losses = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
     return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 

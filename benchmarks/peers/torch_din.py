@@ -208,7 +208,7 @@ def to_tensors(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def weighted_sigmoid_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean sigmoid cross-entropy over the weight-1 rows (din_jax.train.weighted_sigmoid_cross_entropy)."""
+    """Mean sigmoid cross-entropy over the weight-1 rows (din_jax.steps.weighted_sigmoid_cross_entropy)."""
     losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     return (losses * weights).sum() / torch.clamp(weights.sum(), min=1.0)
 
