@@ -44,7 +44,7 @@ def shared_data() -> pathlib.Path:
 
 # pytest-xdist hands out whole modules in collection order; starting the longest ones first keeps the two
 # workers busy to the end instead of one of them finishing alone with a 40-second module (~25 s of wall time).
-_LONGEST_FIRST = ("test_crash.py", "test_train.py", "test_sparse.py", "test_export.py", "test_parallel.py",
+_LONGEST_FIRST = ("test_train.py", "test_sparse.py", "test_crash.py", "test_parallel.py", "test_export.py",
                   "test_embedding_kinds.py", "test_main.py", "test_model.py", "test_sharded_tables.py",
                   "test_owned_ids.py", "test_incremental.py", "test_optim.py", "test_launch.py")
 
