@@ -568,10 +568,12 @@ class _KeyedRows(IdMapping):
         if wanted <= free or self.on_full == "share":
             return min(wanted, free)
         if self.on_full == "error":
-            raise CapacityError(
-                f"embedding '{self.name}' is full: all {self.capacity} rows hold admitted ids and "
-                f"{wanted - free} more ids need rows at step {step}. Raise its capacity (config field "
-                f"'{self.capacity_field}'), evict ids (ev_elimination 'gstep' or 'l2') or set on_full='grow'.")
+            remedy = (f"Raise {self.capacity_field} (0: a row for every distinct id of the data) or evict ids "
+                      "(config.ev_elimination 'gstep' or 'l2')" if self.capacity_field.startswith("config.") else
+                      f"Raise its capacity (config field '{self.capacity_field}'), evict ids (ev_elimination 'gstep' "
+                      "or 'l2') or set on_full='grow'")
+            raise CapacityError(f"embedding '{self.name}' is full: all {self.capacity} rows hold admitted ids and "
+                                f"{wanted - free} more ids need rows at step {step}. {remedy}.")
         capacity = self.capacity
         while capacity - self.capacity + free < wanted:
             capacity *= 2

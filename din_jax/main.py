@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
     from din_jax import parallel, train
     from din_jax.checkpoint import CheckpointError, Interrupted
     from din_jax.config_check import ConfigError
+    from din_jax.ev import CapacityError
     try:
         cluster = parallel.resolve_cluster(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         parallel.limit_cpus(config.intra)  # before the first computation sizes XLA's thread pool
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> None:
     except Interrupted as e:  # SIGINT / SIGTERM: a checkpoint was saved; the usual 128 + signal status
         print(e, file=sys.stderr, flush=True)
         sys.exit(128 + e.signum)
-    except (DataError, ConfigError, CheckpointError, train.DivergedError) as e:
+    except (DataError, ConfigError, CheckpointError, CapacityError, train.DivergedError) as e:
         _stop(f"error: {e}", cluster is not None)
     except OSError as e:  # a full disk or a lost permission outside checkpoints (metrics, logs)
         _stop(f"error: {e.filename or 'a file'}: {e.strerror or _one_line(e)}; free space or fix permissions, then "

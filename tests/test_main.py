@@ -57,6 +57,13 @@ def test_bad_config_value_and_missing_config_file(tmp_path):
     assert len(with_override.stderr.strip().splitlines()) == 1
 
 
+def test_a_full_embedding_variable_is_one_line_naming_the_config_field(tmp_path):
+    result = run_main("--workdir", str(tmp_path), "--config.ev=true", "--config.ev_capacity=50", "--config.steps=2",
+                      "--config.synthetic.num_users=400", "--config.synthetic.num_items=300",
+                      "--config.synthetic.num_categories=20", "--config.batch_size=64")
+    assert_one_line_error(result, 1, "embedding 'uid' is full: all 50 rows", "Raise config.ev_capacity (0: a row")
+
+
 def test_missing_data_directory_says_how_to_prepare(tmp_path):
     result = run_main("--workdir", str(tmp_path), "--config.dataset=dien", f"--config.data_dir={tmp_path}/nope")
     assert_one_line_error(result, 1, f"{tmp_path}/nope", "python -m input_pipeline.amazon")
