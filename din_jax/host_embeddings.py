@@ -13,7 +13,7 @@ absent from the vocabulary files is still its own id. Eviction runs when a check
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import ml_collections
@@ -56,12 +56,12 @@ def uses_raw_ids(config: ml_collections.ConfigDict) -> bool:
 
 
 def create_mappings(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, int],
-                    id_sizes: Mapping[str, int]) -> dict[str, ev.IdMapping]:
-    """The mapping of every table for `config`: vocabulary kinds sized by `vocab_sizes`; raw-id kinds hold up to
-    config.ev_capacity rows (0: as many as the data's distinct ids, `id_sizes`)."""
+                    id_sizes: Mapping[str, int], exclude: Collection[str] = ()) -> dict[str, ev.IdMapping]:
+    """The mapping of every table for `config` but those in `exclude`: vocabulary kinds sized by `vocab_sizes`;
+    raw-id kinds hold up to config.ev_capacity rows (0: as many as the data's distinct ids, `id_sizes`)."""
     return {table: _mapping(config, table, kind, vocab_sizes,
                             config.ev_capacity or id_sizes[table.removesuffix("_table")])
-            for table, kind in table_kinds(config).items()}
+            for table, kind in table_kinds(config).items() if table not in exclude}
 
 
 def owned_tables(config: ml_collections.ConfigDict, raw_ids: Mapping[str, np.ndarray | None],

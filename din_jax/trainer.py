@@ -229,7 +229,9 @@ def create_trainer(config: ml_collections.ConfigDict, vocab_sizes: dict[str, int
     """
     mesh = parallel.data_mesh() if mesh is None else mesh
     id_sizes = id_sizes or vocab_sizes
-    mappings = {**create_mappings(config, vocab_sizes, id_sizes), **owned_tables(config, raw_ids or {}, id_sizes, mesh)}
+    owned = owned_tables(config, raw_ids or {}, id_sizes, mesh)  # each process holds only its devices' shards
+    mappings = {**create_mappings(config, vocab_sizes, id_sizes, exclude=owned), **owned}
+    mappings = {table: mappings[table] for table in TABLES}  # in table order, whichever kind
     host = HostEmbeddings(config, mappings, raw_ids or {}, vocab_sizes, mesh)
     plain = {t: spec for t, spec in host.specs.items() if spec != TableSpec(spec.rows, config.model.embedding_dim)}
     model = build_model(config, host.table_rows(), plain)
