@@ -21,7 +21,8 @@ Mapping a batch (`request_owned`, then `answer_owned`), on every process, step a
      same. Out come its local rows (and live blocks) and its rows to initialise before the step;
   4. a second all_to_all returns the rows; the requester writes logical rows into its batch.
 Per device and step that is 2 * N * C * 8 bytes with N * C about the device's own unique ids, and each owner
-maps about 1/N of the global batch's lookups: both flat in N.
+maps about 1/N of the global batch's lookups: both flat in N. Training sends a batch's requests one step ahead
+(before the previous train step is dispatched: train._PlanSource.next), so the owners map while the device trains.
 
 Exactness: an id's row values depend on the id (its default row, its own updates), never on which slot holds
 it, so N devices train the same embeddings as one (tests/test_owned_ids.py). Two options differ by design:
@@ -30,6 +31,7 @@ each device ceil(capacity / N) rows (with ev_capacity = 0 a device holds exactly
 
 Checkpoints: each device's mapping state is one row of an [N, L] uint8 array split over the devices (orbax
 writes each process's rows); a run restores it on the same device count only (checkpoint's layout check).
+Export merges the devices' mappings into one per table (`merged_state`, din_jax.whole_tables).
 """
 
 from __future__ import annotations
