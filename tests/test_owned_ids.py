@@ -69,18 +69,20 @@ def test_per_device_host_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 def owned_config(shard_embeddings: bool = False):
-    """A config with the three raw-id kinds: uid adaptive, mid EV with a counter filter, cat dynamic dimension."""
+    """uid adaptive and mid dynamic-dimension EV with a counter filter (owned when split), cat a plain vocabulary
+    table (routed when split: shard_min_rows 1), exact Adam on it, gradients over two micro-batches."""
     from tests.test_sparse import config_for
     config = config_for(shard_embeddings=shard_embeddings, learning_rate=0.001, adaptive_hash_bucket_size=8,
                         adaptive_promote_freq=2, ev_filter="counter", ev_filter_freq=2, dynamic_block_size=6,
-                        dynamic_thresholds=(2.0, 4.0), ev_elimination="l2", ev_l2_threshold=0.2)
-    config.embeddings.update(dict(uid="adaptive", mid="ev", cat="dynamic"))
+                        dynamic_thresholds=(2.0, 4.0), ev_elimination="l2", ev_l2_threshold=0.2, shard_min_rows=1,
+                        micro_batch=2)
+    config.embeddings.update(dict(uid="adaptive", mid="dynamic", cat="dense"))
     return config
 
 
-# Run in a child process: the parent's JAX has one CPU device, the child four. One config covers the three kinds
-# (uid adaptive, mid EV with a counter filter, cat dynamic dimension), on one device (one replicated mapping per
-# table) and split over four (each device maps the ids it owns).
+# Run in a child process: the parent's JAX has one CPU device, the child four. One config (owned_config) on one
+# device (one replicated mapping per table) and split over four (each device maps the ids it owns; the plain
+# category table routed as any split vocabulary table).
 _DEVICES_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
@@ -90,6 +92,8 @@ from din_jax import owned_ids, train
 from din_jax.model import TABLES
 from tests.test_embedding_kinds import RAW_IDS
 from tests.test_owned_ids import owned_config
+
+RAW = {f: ids for f, ids in RAW_IDS.items() if f != "cat"}  # the raw-id kinds' features
 from tests.test_sparse import VOCAB, skewed_batches
 
 stream = skewed_batches(5, seed=3)
@@ -97,7 +101,7 @@ out = {}
 for devices in (1, 4):
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     config = owned_config(shard_embeddings=devices > 1)
-    trainer = train.create_trainer(config, VOCAB, mesh=mesh, raw_ids=RAW_IDS, id_sizes=VOCAB)
+    trainer = train.create_trainer(config, VOCAB, mesh=mesh, raw_ids=RAW, id_sizes=VOCAB)
     state = trainer.init_state(config)
     evicted = None
     for step, batch in enumerate(stream):
@@ -131,8 +135,8 @@ for devices in (1, 4):
             foreign += int((owned_ids.owners(held, devices, buckets) != device).sum())
     out[devices] = {"loss": float(metrics["loss"]), "probs": np.asarray(trainer.eval_step(readable, mapped)).tolist(),
                     "embeddings": embeddings, "evicted": evicted, "owned": sorted(trainer.host.owned),
-                    "foreign": foreign,
-                    "rows_held": {t: m.stats()["rows_held"] for t, m in trainer.host.mappings.items()},
+                    "foreign": foreign, "routed": len(trainer.routed or ()),
+                    "rows_held": {t: m.stats().get("rows_held") for t, m in trainer.host.mappings.items()},
                     "dense": [np.asarray(v).tolist() for k, v in sorted(readable.params.items()) if k not in TABLES
                               for v in jax.tree.leaves(v)]}
 print("RESULT" + json.dumps(out))
@@ -145,7 +149,7 @@ def test_four_devices_mapping_the_ids_they_own_train_as_one_replicated_mapping(t
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one, four = (json.loads(done.stdout.split("RESULT", 1)[1])[k] for k in ("1", "4"))
-    assert one["owned"] == [] and four["owned"] == ["cat_table", "mid_table", "uid_table"]
+    assert one["owned"] == [] and four["owned"] == ["mid_table", "uid_table"] and four["routed"] == 3
     assert four["foreign"] == 0
     assert four["rows_held"] == one["rows_held"]  # the same ids admitted or promoted, split over the devices
     assert four["evicted"] == one["evicted"] and sum(one["evicted"].values()) > 0
@@ -164,6 +168,7 @@ def test_four_devices_mapping_the_ids_they_own_train_as_one_replicated_mapping(t
     trainer, (state, extra) = whole_tables.restore_whole(owned_config(True), VOCAB, VOCAB,
                                                          str(tmp_path / "checkpoints"))
     trainer.host.load_state_dict(extra)
-    trainer.host.raw_ids = RAW_IDS  # as train.load_data hashes tokens (export's encoder keys them so too)
+    # As train.load_data hashes the raw-id kinds' tokens (export's encoder keys them so too).
+    trainer.host.raw_ids = {f: ids for f, ids in RAW_IDS.items() if f != "cat"}
     mapped = trainer.host.map_batch(skewed_batches(5, seed=3)[0], 0, train=False)
     np.testing.assert_allclose(trainer.eval_step(trainer.readable(state), mapped), one["probs"], rtol=1e-5, atol=1e-6)
