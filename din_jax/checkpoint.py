@@ -24,8 +24,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from din_jax import parallel
 
 STATE_ITEM, EXTRA_ITEM = "default", "extra"
 PER_DEVICE_ITEM = "per_device"  # host state that differs by device (din_jax.owned_ids), one row per device
@@ -201,14 +202,14 @@ class Checkpointer:
         lengths = extra.get(PER_DEVICE_LENGTHS)
         if step is None or lengths is None:
             return []
-        sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-        abstract = {"rows": jax.ShapeDtypeStruct((lengths.size, int(lengths.max())), np.uint8, sharding=sharding)}
+        abstract = {"rows": jax.ShapeDtypeStruct((lengths.size, int(lengths.max())), np.uint8,
+                                                 sharding=parallel.batch_sharding(mesh))}
         rows = self.manager.restore(step, args=ocp.args.Composite(**{
             PER_DEVICE_ITEM: ocp.args.StandardRestore(abstract)}))[PER_DEVICE_ITEM]["rows"]
         out = []
         for shard in sorted(rows.addressable_shards, key=lambda s: s.index[0].start or 0):
-            for offset, row in enumerate(np.asarray(shard.data)):
-                out.append(_unpack(row[:int(lengths[(shard.index[0].start or 0) + offset])]))
+            first = shard.index[0].start or 0  # the device's row of the whole array: its length in `lengths`
+            out.extend(_unpack(row[:int(lengths[first + i])]) for i, row in enumerate(np.asarray(shard.data)))
         return out
 
     def is_save_step(self, step: int, force: bool = False) -> bool:
@@ -227,13 +228,12 @@ class Checkpointer:
         items = {STATE_ITEM: ocp.args.StandardSave(state)}
         if per_device:
             blobs = [_pack(arrays) for arrays in per_device]
-            lengths = _gather_processes(np.array([b.size for b in blobs], np.int64)).reshape(-1)
+            lengths = parallel.gather_host(np.array([b.size for b in blobs], np.int64)).reshape(-1)
             rows = np.zeros((len(blobs), int(lengths.max())), np.uint8)
             for row, blob in zip(rows, blobs):
                 row[:blob.size] = blob
-            sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
             items[PER_DEVICE_ITEM] = ocp.args.StandardSave({"rows": jax.make_array_from_process_local_data(
-                sharding, rows, (lengths.size, rows.shape[1]))})
+                parallel.batch_sharding(mesh), rows, (lengths.size, rows.shape[1]))})
             extra = {**(extra or {}), PER_DEVICE_LENGTHS: lengths}
         if extra:
             items[EXTRA_ITEM] = ocp.args.PyTreeSave({"npz": _pack(extra)})
@@ -252,13 +252,6 @@ class Checkpointer:
         """Waits for pending writes and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _gather_processes(value: np.ndarray) -> np.ndarray:
-    """This process's array -> [processes, ...] of every process's, on every process."""
-    if jax.process_count() == 1:
-        return value[None]
-    return np.asarray(multihost_utils.process_allgather(value, tiled=False))
 
 
 def _pack(arrays: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -846,6 +846,13 @@ class AdaptiveEmbedding(_KeyedRows):
         buckets = np.arange(self.shard_index, self.hash_bucket_size, self.shard_count)
         slots = self.capacity + buckets // self.shard_count
         return slots.astype(np.int32), (-default_rows(buckets) - 1).astype(np.int32)
+
+
+def table_state(arrays: Mapping[str, np.ndarray], table: str) -> dict[str, np.ndarray]:
+    """One table's mapping state out of named arrays saved as 'embedding/<table>/<name>' (HostEmbeddings.state_dict,
+    owned_ids.device_states, an export's embeddings.npz), by name; empty when none were saved."""
+    prefix = f"embedding/{table}/"
+    return {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
 
 
 KINDS: dict[str, type[IdMapping]] = {"dense": DenseVocabulary, "ev": EmbeddingVariable,

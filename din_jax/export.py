@@ -199,11 +199,9 @@ class EmbeddingEncoder:
             elif entry.get("keys") != RAW_KEYS:
                 raise ExportError(f"embedding {feature!r}: keys {entry.get('keys')!r} is not {RAW_KEYS!r} or "
                                   f"{VOCABULARY_KEYS!r}; load it with the din_jax that exported it")
-            prefix = f"embedding/{feature}_table/"
             try:
                 mapping = ev.create(entry["kind"], **entry["options"])
-                mapping.load_state_dict({key[len(prefix):]: value for key, value in state.items()
-                                         if key.startswith(prefix)})
+                mapping.load_state_dict(ev.table_state(state, f"{feature}_table"))
             except (KeyError, TypeError, ValueError) as e:
                 raise ExportError(f"embedding {feature!r} ({entry.get('kind')!r}) cannot be rebuilt ({_first(e)}); "
                                   "export the model again with this din_jax") from None

@@ -221,7 +221,7 @@ class HostEmbeddings:
                 out[table + INIT_SLOTS], out[table + INIT_SOURCES] = slots, sources
         if self.owned:  # each local device's rows to initialise are its own (the column is split over devices)
             tables = list(self.owned.values())
-            requests = requests or owned_ids.request_owned(tables, batch, self.mesh)
+            requests = requests or self.request(batch)
             columns, init = owned_ids.answer_owned(tables, requests, step, train, self.mesh)
             out.update(columns)
             for table, (slots, sources) in init.items():
@@ -271,8 +271,7 @@ class HostEmbeddings:
         for table, mapping in self.mappings.items():
             if table in self.owned:
                 continue
-            prefix = f"embedding/{table}/"
-            state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            state = ev.table_state(arrays, table)
             if state:
                 mapping.load_state_dict(state)
 

@@ -97,9 +97,7 @@ class OwnedTable:
         if per_owner.max(initial=0) > capacity:
             raise ValueError(f"{self.table}: {per_owner.max()} ids for one owner exceed the planned capacity "
                              f"{capacity} (the capacity plan and the batch disagree)")
-        order = np.argsort(owner, kind="stable")
-        slot = np.empty_like(owner)
-        slot[order] = np.arange(owner.size) - (np.cumsum(per_owner) - per_owner)[owner[order]]
+        slot = sharded_tables.owner_slots(owner, per_owner)
         send = np.zeros((self.shards, capacity, 2), np.int32)
         send[..., 0] = -1
         send[owner, slot] = np.stack([unique, counts], -1)
@@ -204,8 +202,7 @@ def _arrived(swapped: np.ndarray | jax.Array) -> np.ndarray:
     """The result of a _dispatched exchange on this host (waits for it)."""
     if isinstance(swapped, np.ndarray):
         return swapped
-    return np.concatenate([np.asarray(s.data) for s in sorted(swapped.addressable_shards,
-                                                               key=lambda s: s.index[0].start or 0)])
+    return np.concatenate(parallel.local_rows(swapped))
 
 
 def capacities_for(tables: Sequence[OwnedTable], batch: Batch, local_shards: int) -> dict[str, int]:
@@ -236,9 +233,7 @@ def request_owned(tables: Sequence[OwnedTable], batch: Batch, mesh: Mesh) -> Req
     steps 1-2). The exchange runs asynchronously: a batch's requests can go out before the previous train step."""
     local_shards = len(tables[0].devices)
     capacities = capacities_for(tables, batch, local_shards)
-    size = batch["weight"].shape[0] // local_shards
-    pieces = [{c: v[k * size:(k + 1) * size] for c, v in batch.items() if not c.endswith(sharded_tables.CAPACITY)}
-              for k in range(local_shards)]
+    pieces = parallel.device_shares(batch, local_shards)
     sent = [[t.requests(piece, capacities[t.table]) for t in tables] for piece in pieces]
     edges = np.cumsum([0] + [capacities[t.table] for t in tables])
     # One exchange for every table: their buckets side by side, [L * N, sum of capacities, 2].
@@ -288,8 +283,7 @@ def load_device_states(tables: Mapping[str, OwnedTable], states: Sequence[Mappin
     """Restores what device_states saved (one dict per local device, in device order)."""
     for k, arrays in enumerate(states):
         for name, t in tables.items():
-            prefix = f"embedding/{name}/"
-            state = {key[len(prefix):]: v for key, v in arrays.items() if key.startswith(prefix)}
+            state = ev.table_state(arrays, name)
             if state:
                 t.mappings[k].load_state_dict(state)
             t.latest_step = int(arrays.get(f"owned/{name}/latest_step", t.latest_step))

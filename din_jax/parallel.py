@@ -155,6 +155,18 @@ def local_shards(mesh: Mesh) -> int:
     return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
 
+def device_shares(batch: Mapping[str, np.ndarray], devices: int) -> list[dict[str, np.ndarray]]:
+    """This process's share of a batch cut into its `devices` devices' shards, as global_batch splits it: every
+    column in equal consecutive parts along its first axis (views)."""
+    return [{name: v[k * len(v) // devices:(k + 1) * len(v) // devices] for name, v in batch.items()}
+            for k in range(devices)]
+
+
+def local_rows(array: jax.Array) -> list[np.ndarray]:
+    """This process's shards of an array split over `data` along its first axis, as numpy, in device order."""
+    return [np.asarray(s.data) for s in sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)]
+
+
 def global_batch(local: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows of every column -> global arrays of all processes' rows, split over `data`.
 

@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from din_jax import parallel
 from din_jax.embedding import gather_rows, table_ids_host, unique_ids
-from din_jax.model import TABLES, lookup_columns
+from din_jax.model import TABLES
 
 Array = jax.Array
 
@@ -105,15 +106,20 @@ def _buckets(ids: Array, rows: int, shards: int, capacity: int) -> tuple[Array, 
 ROUTE_OWNER, ROUTE_SLOT, ROUTE_SEND = "_route_owner", "_route_slot", "_route_send"
 
 
+def owner_slots(owner: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each entry's place among the entries of its owner, in order (counts: entries per owner, bincount(owner))."""
+    order = np.argsort(owner, kind="stable")
+    slot = np.empty_like(owner)
+    slot[order] = np.arange(owner.size) - (np.cumsum(counts) - counts)[owner[order]]
+    return slot
+
+
 def host_routes(ids: np.ndarray, rows: int, shards: int, capacity: int) -> dict[str, np.ndarray]:
     """_buckets on the host: the route columns of sorted unique ids padded with `rows` (one device's shard)."""
     q = rows_per_shard(rows, shards)
     real = ids < rows
     owner = np.where(real, ids % shards, shards).astype(np.int32)
-    counts = np.bincount(owner, minlength=shards + 1)
-    order = np.argsort(owner, kind="stable")
-    slot = np.empty_like(owner)
-    slot[order] = np.arange(ids.size) - (np.cumsum(counts) - counts)[owner[order]]
+    slot = owner_slots(owner, np.bincount(owner, minlength=shards + 1))
     send = np.full((shards, capacity), q, np.int32)
     send[owner[real], slot[real]] = ids[real] // shards
     return {ROUTE_OWNER: owner, ROUTE_SLOT: slot, ROUTE_SEND: send.reshape(-1)}
@@ -170,13 +176,11 @@ def bucket_counts(batch: Mapping[str, np.ndarray], tables: Iterable[str], table_
     owners: for tables whose ids are vocabulary indices mapped by their owners (din_jax.owned_ids), the owner of
     each index; table_rows is then the number of indices. Otherwise row i's owner is i mod shards.
     """
-    size = batch["weight"].shape[0] // local_shards
+    shares = parallel.device_shares(batch, local_shards)
     fullest = {}
     for table in tables:
         most = 0
-        for k in range(local_shards):
-            shard = {c: v[k * size:(k + 1) * size] for c, v in batch.items()
-                     if c in ("weight", "hist_mask") or c in lookup_columns(table)}
+        for shard in shares:
             ids = np.unique(table_ids_host(shard, table, table_rows[table]))
             ids = ids[ids < table_rows[table]]
             owner = owners[table][ids] if owners and table in owners else ids % shards

@@ -307,7 +307,7 @@ def _local_shards(array: jax.Array, whole: bool) -> Any:
     """A device array on the host: the whole of a replicated one, else this process's shards in device order."""
     if whole:
         return np.asarray(array.addressable_data(0))
-    return [np.asarray(s.data) for s in sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)]
+    return parallel.local_rows(array)
 
 
 @jax.jit

@@ -131,15 +131,12 @@ class Trainer:
         """Each local device's row lookups and the requester half of its routes (sharded_tables.host_routes), found
         by numpy on the host (the prefetch thread) instead of by XLA's sorts on the step's critical path."""
         sizes = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in TABLES}
-        devices = parallel.local_shards(self.mesh)
         pieces = []
-        for k in range(devices):
-            piece = {c: v[k * v.shape[0] // devices:(k + 1) * v.shape[0] // devices] for c, v in batch.items()
-                     if not c.endswith(sharded_tables.CAPACITY)}
+        for piece in parallel.device_shares(batch, parallel.local_shards(self.mesh)):
             found = host_row_lookups(piece, sizes, dict(self.model.table_specs))
             for name in self.routed:
-                capacity = batch[name + sharded_tables.CAPACITY].shape[0] // devices
-                found.update({name + k: v for k, v in sharded_tables.host_routes(
+                capacity = sharded_tables.capacity_of(piece, name)
+                found.update({name + suffix: v for suffix, v in sharded_tables.host_routes(
                     found[name + LOOKUP_IDS], sizes[name], self.mesh.size, capacity).items()})
             pieces.append(found)
         return {c: np.concatenate([p[c] for p in pieces]) for c in pieces[0]}

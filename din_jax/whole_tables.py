@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import owned_ids, parallel, sharded_tables
+from din_jax import ev, owned_ids, parallel, sharded_tables
 from din_jax.steps import TrainState
 from din_jax.trainer import Trainer, create_trainer
 from din_jax.host_embeddings import table_kinds
@@ -45,8 +45,8 @@ def restore_whole(config: ml_collections.ConfigDict, vocab_sizes: Mapping[str, i
         for table, shards in layout.items():
             if shards == 1:
                 continue
-            feature, prefix = table.removesuffix("_table"), f"embedding/{table}/"
-            states = [{k[len(prefix):]: v for k, v in device.items() if k.startswith(prefix)} for device in per_device]
+            feature = table.removesuffix("_table")
+            states = [ev.table_state(device, table) for device in per_device]
             if states and states[0]:  # owned: its devices' mappings become one
                 merged[table], sizes[feature], physical[table] = owned_ids.merged_state(
                     kinds[table], states, config.adaptive_hash_bucket_size)
