@@ -835,8 +835,14 @@ class AdaptiveEmbedding(_KeyedRows):
         """Each id's hashed bucket among all hash_bucket_size of them: hash64(id) mod hash_bucket_size."""
         return (hash64(ids) % np.uint64(self.hash_bucket_size)).astype(np.int64)
 
+    @staticmethod
+    def shared_rows(buckets: np.ndarray, capacity: int, shards: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row) of each hashed bucket when the table is `shards` shards of `capacity` own rows each: bucket b
+        is shard b mod shards' row capacity + b // shards (one shard: row capacity + b)."""
+        return buckets % shards, capacity + buckets // shards
+
     def _fallback(self, ids: np.ndarray) -> np.ndarray:
-        return (self.capacity + self.bucket(ids) // self.shard_count).astype(np.int32)
+        return self.shared_rows(self.bucket(ids), self.capacity, self.shard_count)[1].astype(np.int32)
 
     def _init_sources(self, ids: np.ndarray) -> np.ndarray:
         return self._fallback(ids)
@@ -844,7 +850,7 @@ class AdaptiveEmbedding(_KeyedRows):
     def initial_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """The shared rows (this shard's buckets), from default-matrix row hash64(bucket) mod 4096."""
         buckets = np.arange(self.shard_index, self.hash_bucket_size, self.shard_count)
-        slots = self.capacity + buckets // self.shard_count
+        _, slots = self.shared_rows(buckets, self.capacity, self.shard_count)
         return slots.astype(np.int32), (-default_rows(buckets) - 1).astype(np.int32)
 
 

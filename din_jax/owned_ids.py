@@ -153,13 +153,9 @@ class OwnedTable:
         first = self.mappings[0]
         if not isinstance(first, ev.AdaptiveEmbedding):
             return ev._NO_INIT
-        slots, sources = [], []
-        for device in range(self.shards):
-            local_slots, local_sources = ev.AdaptiveEmbedding(
-                first.capacity, first.hash_bucket_size, first.dim, shard=(device, self.shards)).initial_rows()
-            slots.append(device * self.rows_per_shard + local_slots)
-            sources.append(local_sources)
-        return np.concatenate(slots).astype(np.int32), np.concatenate(sources).astype(np.int32)
+        buckets = np.arange(first.hash_bucket_size)
+        device, row = first.shared_rows(buckets, first.capacity, self.shards)
+        return (device * self.rows_per_shard + row).astype(np.int32), (-ev.default_rows(buckets) - 1).astype(np.int32)
 
     def evict_stale(self, step: int, steps_to_live: int) -> ev.Eviction:
         return _joined([m.evict_stale(step, steps_to_live) for m in self.mappings])
@@ -307,11 +303,9 @@ def merged_state(kind: str, states: Sequence[Mapping[str, np.ndarray]], hash_buc
     physical = owner * rows_per_device + local
     row_step = interleave("row_step", own)
     if kind == "adaptive":
-        buckets = np.arange(hash_buckets)
-        bucket_rows = (buckets % shards) * rows_per_device + own + buckets // shards
-        physical = np.concatenate([physical, bucket_rows])
-        steps = np.stack([s["row_step"] for s in states])
-        row_step = np.concatenate([row_step, steps[buckets % shards, own + buckets // shards]])
+        device, row = ev.AdaptiveEmbedding.shared_rows(np.arange(hash_buckets), own, shards)
+        physical = np.concatenate([physical, device * rows_per_device + row])
+        row_step = np.concatenate([row_step, np.stack([s["row_step"] for s in states])[device, row]])
     state = {"slot_ids": interleave("slot_ids"), "row_step": row_step,
              "counters": np.sum([s["counters"] for s in states], axis=0)}
     if "freq" in states[0]:
