@@ -204,14 +204,13 @@ def _arrived(swapped: np.ndarray | jax.Array) -> np.ndarray:
 def capacities_for(tables: Sequence[OwnedTable], batch: Batch, local_shards: int) -> dict[str, int]:
     """Each table's exchange capacity for one batch: its planned one (the batch's routing placeholder), else the
     fullest owner bucket of any device (one cross-process max; every process must map its share of the batch)."""
-    planned = {t.table: batch[t.table + sharded_tables.CAPACITY].shape[0] // local_shards for t in tables
+    planned = {t.table: sharded_tables.capacity_of(batch, t.table) // local_shards for t in tables
                if t.table + sharded_tables.CAPACITY in batch}
     missing = [t for t in tables if t.table not in planned]
     if missing:
-        counts = sharded_tables.bucket_counts(batch, [t.table for t in missing], {t.table: t.raw.size for t in missing},
-                                              missing[0].shards, local_shards, {t.table: t.owner_of for t in missing})
-        fullest = parallel.gather_host(np.array([counts[t.table] for t in missing])).max(axis=0)
-        planned.update({t.table: sharded_tables.round_capacity(int(c)) for t, c in zip(missing, fullest)})
+        planned.update(sharded_tables.plan_capacities(
+            [batch], [t.table for t in missing], {t.table: t.raw.size for t in missing}, missing[0].shards,
+            local_shards, {t.table: t.owner_of for t in missing}))
     return planned
 
 

@@ -31,7 +31,7 @@ at run time, so it cannot be planned and is refused with sharded tables.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +187,18 @@ def bucket_counts(batch: Mapping[str, np.ndarray], tables: Iterable[str], table_
             most = max(most, int(np.bincount(owner, minlength=shards).max(initial=0)))
         fullest[table] = most
     return fullest
+
+
+def plan_capacities(batches: Iterable[Mapping[str, np.ndarray]], tables: Sequence[str], table_rows: Mapping[str, int],
+                    shards: int, local_shards: int, owners: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Each table's all-to-all capacity for a run of batches: the fullest owner bucket (bucket_counts) of any device
+    in any of them, rounded up; this process counts its own batches, one cross-process max gives everyone's."""
+    fullest = np.zeros(len(tables), np.int64)
+    for batch in batches:
+        counts = bucket_counts(batch, tables, table_rows, shards, local_shards, owners)
+        fullest = np.maximum(fullest, [counts[table] for table in tables])
+    fullest = parallel.gather_host(fullest).max(axis=0)
+    return {table: round_capacity(int(c)) for table, c in zip(tables, fullest)}
 
 
 def round_capacity(count: int) -> int:

@@ -157,8 +157,9 @@ class _PlanSource:
 
     def __init__(self, split: dien.EncodedSplit, config: ml_collections.ConfigDict, trainer: Trainer,
                  first_step: int):
-        # Embedding kinds with state (din_jax.host_embeddings) map ids on this thread, step by step, from the
-        # whole global batch (so every process's mapping stays the same); then the batch is cut and packed.
+        # Embedding kinds with state (din_jax.host_embeddings) map ids on this thread, step by step: replicated
+        # mappings from the whole global batch (so every process's mapping stays the same), then the batch is cut;
+        # owned ones (din_jax.owned_ids) from this process's share, through the ids' owners. Then it is packed.
         self._trainer, self._step = trainer, first_step
         self._map = trainer.host.active
         self._ahead: tuple[_Item, Batch, Any] | None = None  # owned tables: the next batch, its ids already sent

@@ -146,17 +146,12 @@ class Trainer:
         bucket of any device in any of them (this process counts its own batches; one cross-process max)."""
         if not self.routed:
             return {}
-        fullest = np.zeros(len(self.routed), np.int64)
         rows = {name: self.model.vocab_sizes[name.removesuffix("_table")] for name in self.routed}
         owned = self.host.owned  # batches hold vocabulary indices of these, which their owners map (owned_ids)
         rows.update({name: table.raw.size for name, table in owned.items()})
         owners = {name: table.owner_of for name, table in owned.items()}
-        for batch in local_batches:
-            counts = sharded_tables.bucket_counts(batch, self.routed, rows, self.mesh.size,
-                                                  parallel.local_shards(self.mesh), owners)
-            fullest = np.maximum(fullest, [counts[name] for name in self.routed])
-        fullest = parallel.gather_host(fullest).max(axis=0)
-        return {name: sharded_tables.round_capacity(int(c)) for name, c in zip(self.routed, fullest)}
+        return sharded_tables.plan_capacities(local_batches, self.routed, rows, self.mesh.size,
+                                              parallel.local_shards(self.mesh), owners)
 
     def with_capacities(self, batch: Batch, capacities: dict[str, int]) -> Batch:
         """A prepared batch with the placeholder columns that carry the routed tables' capacities to the step."""
