@@ -13,6 +13,8 @@ over localhost) that time `map_batch` on their own share of the same global batc
 included, with no train step running beside it; process 0 reports its median.
 
 Both: the first --batches batches of an epoch after --warmup; median milliseconds per step and growth over N = 1.
+Mapping is timed as the CPU time of the thread that maps (time.thread_time), so that N processes sharing fewer
+cores do not count each other's turns; the all_to_alls as wall time (what a step waits).
 """
 
 from __future__ import annotations
@@ -39,17 +41,18 @@ KINDS = {"ev": {"ev": True}, "adaptive": {"embeddings.uid": "adaptive", "embeddi
 
 
 def mapping_ms(config, data, batch_size: int, batches: int, warmup: int) -> float:
-    """Median ms of map_batch over the epoch's first `batches` global batches of `batch_size` (after `warmup`)."""
+    """Median CPU ms of map_batch (this thread's) over the epoch's first `batches` global batches of `batch_size`
+    (after `warmup`)."""
     config.batch_size = batch_size
     trainer = train.create_trainer(config, data.vocab_sizes, raw_ids=data.raw_ids, id_sizes=data.id_sizes)
     stream = batches_lib.train_batches(data.train, batch_size, config.max_seq_length, seed=config.seed, epoch=0,
                                        keep=config.history_keep)
     times = []
     for step, batch in zip(range(warmup + batches), stream):
-        start = time.perf_counter()
+        start = time.thread_time()
         trainer.host.map_batch(batch, step, train=True)
         if step >= warmup:
-            times.append(1e3 * (time.perf_counter() - start))
+            times.append(1e3 * (time.thread_time() - start))
     return statistics.median(times)
 
 
@@ -66,34 +69,36 @@ def owned_worker(args) -> None:
         data.train, config.batch_size, config.max_seq_length, seed=config.seed, epoch=0, keep=config.history_keep,
         shard_index=jax.process_index(), shard_count=jax.process_count())
     capacities = trainer.plan_capacities(itertools.islice(local(), args.warmup + args.batches))
-    exchange, waited = owned_ids.exchange, [0.0]
+    waited = [0.0, 0.0]  # the all_to_alls this step: wall seconds, this thread's CPU seconds
 
-    def timed_exchange(*a, **k):  # the all_to_alls: gloo's latency and the wait for the slowest process
-        start = time.perf_counter()
-        try:
-            return exchange(*a, **k)
-        finally:
-            waited[0] += time.perf_counter() - start
+    def timed(function):  # an all_to_all started or waited for: gloo's latency and the wait for the slowest process
+        def call(*args, **kwargs):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                waited[0] += time.perf_counter() - wall
+                waited[1] += time.thread_time() - cpu
+        return call
 
-    owned_ids.exchange = timed_exchange
-    times, exchanges = [], []
+    owned_ids._dispatched, owned_ids._arrived = timed(owned_ids._dispatched), timed(owned_ids._arrived)
+    host, exchanges = [], []
     for step, batch in zip(range(args.warmup + args.batches), local()):
         batch = trainer.with_capacities(batch, capacities)
-        waited[0], start = 0.0, time.perf_counter()
+        waited[:], start = [0.0, 0.0], time.thread_time()
         trainer.host.map_batch(batch, step, train=True)
         if step >= args.warmup:
-            times.append(1e3 * (time.perf_counter() - start))
+            host.append(1e3 * (time.thread_time() - start - waited[1]))
             exchanges.append(1e3 * waited[0])
     if parallel.is_primary():
         with open(args.out, "w") as f:
-            json.dump({"ms": statistics.median(times), "exchange_ms": statistics.median(exchanges),
-                       "host_ms": statistics.median(t - e for t, e in zip(times, exchanges)),
+            json.dump({"exchange_ms": statistics.median(exchanges), "host_ms": statistics.median(host),
                        "owned": sorted(trainer.host.owned)}, f)
 
 
 def owned_ms(args, n: int) -> dict[str, float]:
-    """owned_worker's medians at n processes: ms (a whole map_batch), exchange_ms (its two all_to_alls) and
-    host_ms (the rest: the mapping work on this host)."""
+    """owned_worker's medians at n processes: exchange_ms (the wall time of map_batch's two all_to_alls) and host_ms
+    (the CPU time of the rest on its thread: the mapping work on this host)."""
     from launch import local
     out = os.path.join(args.workdir, f"owned_{n}.json")
     command = [sys.executable, os.path.abspath(__file__), "--role", "worker", "--out", out, "--kind", args.kind,
@@ -129,8 +134,8 @@ def main() -> None:
         return
     config = _config(args)
     data = train.load_data(config, args.workdir)
-    print("| processes | replicated: examples mapped per process | ms / step | vs 1 process "
-          "| split: host ms / step | vs 1 process | split: all_to_all ms / step |")
+    print("| processes | replicated: examples mapped per process | CPU ms / step | vs 1 process "
+          "| split: host CPU ms / step | vs 1 process | split: all_to_all wall ms / step |")
     print("|---|---|---|---|---|---|---|")
     base = owned_base = None
     for n in (int(p) for p in args.processes.split(",")):
