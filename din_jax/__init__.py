@@ -9,6 +9,12 @@ _FLAG = "--xla_cpu_copy_insertion_use_region_analysis"
 if _FLAG not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=true").strip()
 
+# XLA:CPU's per-step scratch buffer is malloc'd and freed every step; keep freed memory for reuse
+# instead of unmapping it, or every long-history step page-faults ~50 MB back in (din_jax/host_memory.py).
+from din_jax import host_memory as _host_memory  # noqa: E402
+
+_host_memory.reuse_freed_memory()
+
 
 def __getattr__(name: str):
     """`din_jax.load_model`, imported on first use so that `import din_jax` stays light."""
