@@ -108,9 +108,9 @@ def _time_calls(cls: type, name: str) -> dict[str, float]:
     totals = {"seconds": 0.0, "calls": 0}
     method = getattr(cls, name)
 
-    def timed(self, batch, step, train):
+    def timed(self, batch, step, train, **kwargs):
         start = time.perf_counter()
-        out = method(self, batch, step, train)
+        out = method(self, batch, step, train, **kwargs)
         if train:
             totals["seconds"] += time.perf_counter() - start
             totals["calls"] += 1

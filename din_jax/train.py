@@ -19,7 +19,7 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 from din_jax import checkpoint as checkpoint_lib
-from din_jax import config_check, ev, jsonfile, parallel, plots
+from din_jax import config_check, ev, host_memory, jsonfile, parallel, plots
 from din_jax import incremental as incremental_lib
 from din_jax.feed import WorkQueueFeed
 from din_jax.host_embeddings import RAW_ID_KINDS, table_kinds, uses_raw_ids
@@ -424,6 +424,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint_lib.require_writable(checkpoint_dir, "--config.checkpoint_dir", keep=False)
     wall_start = time.perf_counter()
     data = parallel.primary_first("load_data", lambda: load_data(config, workdir))
+    host_memory.release_free_memory()  # what loading freed, before the state takes its place
     trainer = create_trainer(config, data.vocab_sizes, mesh, data.raw_ids, data.id_sizes)
     state = trainer.init_state(config)
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, config.save_steps, config.keep_checkpoint_max)
@@ -481,6 +482,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step == first_step:  # the first step compiles: time it apart from throughput
                 jax.block_until_ready(state.step)
                 compile_seconds = time.perf_counter() - timer
+                host_memory.release_free_memory()  # the compiler's and initialisation's
                 timer = interval_start = time.perf_counter()
             else:
                 timed_samples += examples
@@ -509,9 +511,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _write_eval(writer, evaluate(trainer, trainer.readable(state), data.test, config), step, workdir)
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
                 eval_seconds += interval_start - started
+                host_memory.release_free_memory()
             if checkpointer.is_save_step(step):
                 _check_finite(first_bad, state, checkpointer)
                 saver.full(step, state, source)
+                host_memory.release_free_memory()  # the checkpoint's host copies
             else:
                 saver.incremental(step, state, source)
         jax.block_until_ready(state)
@@ -520,6 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         source.close()
         _check_finite(first_bad, state, checkpointer)
         saver.full(int(state.step), state, source, force=True)
+        host_memory.release_free_memory()
     finally:  # also after an error: no input thread left running, the checkpoint manager and logs closed
         stop.restore()
         progress.close()
