@@ -86,7 +86,8 @@ print(json.dumps({"held": held, "released": rss()}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim (Linux)")
 def test_release_gives_freed_holes_back():
-    done = subprocess.run([sys.executable, "-c", _HOLES], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, DIN_JAX_REUSE_HOST_MEMORY="1")
+    done = subprocess.run([sys.executable, "-c", _HOLES], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     sizes = json.loads(done.stdout.strip().splitlines()[-1])
     # The 40 MiB freed below a live block stay resident until released, then go back to the system.
