@@ -105,6 +105,7 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
                               shard_count=jax.process_count(), plan=plan)
     capacities = trainer.plan_capacities(local())
     metrics = StreamingMetrics()
+    host_memory.release_free_memory()  # what training freed, before evaluation's batches and scratch
     for item in _items(split, plan, local(), trainer, config.eval_batch_size):
         batch = trainer.with_capacities(item.batch, capacities)  # owned tables' exchange reads them too
         batch = trainer.host.map_batch(batch, 0, train=False) if trainer.host.active else batch
@@ -112,6 +113,7 @@ def evaluate(trainer: Trainer, state: TrainState, split: dien.EncodedSplit,
         columns = parallel.gather({"prob": trainer.jit_eval_step(state, device_batch),
                                    **{k: device_batch[k] for k in ("label", "user", "weight")}})
         metrics.update(columns["label"], columns["prob"], columns["user"], columns["weight"])
+    host_memory.release_free_memory()
     return metrics.compute()
 
 
@@ -351,6 +353,8 @@ class _Saver:
         """A full checkpoint at `step` if it is a save step (or forced)."""
         if not self._checkpointer.is_save_step(step, force):
             return
+        # What training freed goes back before the checkpoint's host copies are made, and theirs after.
+        host_memory.release_free_memory()
         evicted = self._host.evict(step, lambda table: _local_shards(_row_l2_weights(state.params[table]),
                                                                      whole=table not in self._host.owned))
         if any(evicted.values()):
@@ -363,6 +367,7 @@ class _Saver:
             self.base = self.last = step
             if self._increments is not None:
                 self._increments.prune(step)
+        host_memory.release_free_memory()
 
     def incremental(self, step: int, state: TrainState, source: Any) -> None:
         """An increment of the rows written since the last save, when config.incremental_ckpt seconds have passed."""
@@ -511,11 +516,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _write_eval(writer, evaluate(trainer, trainer.readable(state), data.test, config), step, workdir)
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
                 eval_seconds += interval_start - started
-                host_memory.release_free_memory()
             if checkpointer.is_save_step(step):
                 _check_finite(first_bad, state, checkpointer)
                 saver.full(step, state, source)
-                host_memory.release_free_memory()  # the checkpoint's host copies
             else:
                 saver.incremental(step, state, source)
         jax.block_until_ready(state)
@@ -524,7 +527,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         source.close()
         _check_finite(first_bad, state, checkpointer)
         saver.full(int(state.step), state, source, force=True)
-        host_memory.release_free_memory()
     finally:  # also after an error: no input thread left running, the checkpoint manager and logs closed
         stop.restore()
         progress.close()
