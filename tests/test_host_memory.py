@@ -45,16 +45,17 @@ print(json.dumps(out))
 PAGES = (48 << 20) // 4096
 
 
-def probe(reuse: str) -> dict[str, int]:
+def probe(script: str, reuse: str) -> dict[str, int]:
+    """The JSON that `script` prints last, run in a fresh interpreter with DIN_JAX_REUSE_HOST_MEMORY=reuse."""
     env = dict(os.environ, DIN_JAX_REUSE_HOST_MEMORY=reuse)
-    done = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings (Linux)")
 def test_freed_large_blocks_are_reused_without_page_faults():
-    kept, default = probe("1"), probe("0")
+    kept, default = probe(_PROBE, "1"), probe(_PROBE, "0")
     # glibc's default maps every such block afresh: each round faults its pages in again.
     assert default["main"] > 4 * PAGES and default["thread"] > 4 * PAGES
     # With din_jax's settings the block comes back from the heap, its pages already resident.
@@ -86,9 +87,6 @@ print(json.dumps({"held": held, "released": rss()}))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim (Linux)")
 def test_release_gives_freed_holes_back():
-    env = dict(os.environ, DIN_JAX_REUSE_HOST_MEMORY="1")
-    done = subprocess.run([sys.executable, "-c", _HOLES], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    sizes = json.loads(done.stdout.strip().splitlines()[-1])
+    sizes = probe(_HOLES, "1")
     # The 40 MiB freed below a live block stay resident until released, then go back to the system.
     assert sizes["held"] - sizes["released"] > 30 << 20
