@@ -2,8 +2,12 @@
 
 Generates a Taobao-format UserBehavior.csv of --rows rows with input_pipeline.behavior_log (kept under
 --work_dir; or takes --csv), prepares it with `--samples every_event`, and trains DIN on it for --steps
-steps then evaluates on its test split; then trains the same config for the same steps on the built-in
-data of --baseline_users users (configs/default.py) for the "within 10%" comparison. Each stage runs in
+steps then evaluates on its test split. For the "within 10%" comparison it then trains the same config for
+the same steps on two smaller data sets: a log of --baseline_users users from the same generator, prepared
+the same way (every-event samples: like for like, so the ratio is what the data's size costs), and the
+built-in data of as many users (configs/default.py: one sample per user, short histories). Every run also
+reports its samples' mean history length (positions kept, at most max_seq_length) and history positions
+per second, the attention's work, which differ between the two kinds of data by 3-4x. Each stage runs in
 its own process, which samples its resident memory every 20 ms: `peak RSS` is the kernel's high-water
 mark (VmHWM, file pages of memory-mapped columns included), `anon` the peak of the process's own memory
 (RssAnon: what it cannot give back; mapped columns are page cache the kernel reclaims when it needs to).
@@ -31,7 +35,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere
 
-from input_pipeline import behavior_log, events  # noqa: E402
+from input_pipeline import behavior_log, events, mapped  # noqa: E402
 
 flags.DEFINE_integer("rows", 10_000_000, "Rows of the generated UserBehavior.csv (Taobao: 100,150,807).")
 flags.DEFINE_string("csv", "", "An existing UserBehavior.csv to use instead of generating one.")
@@ -40,7 +44,7 @@ flags.DEFINE_float("test_fraction", 0.02, "--test_fraction of the preparation (t
 flags.DEFINE_integer("steps", 1000, "Train steps on each data set.")
 flags.DEFINE_integer("batch_size", 512, "Train batch size (seed README: 512).")
 flags.DEFINE_bool("ev", False, "EmbeddingVariable tables (--config.ev=true); times the host's id mapping.")
-flags.DEFINE_integer("baseline_users", 50_000, "Users of the built-in data of the comparison run.")
+flags.DEFINE_integer("baseline_users", 50_000, "Users of the comparison runs' data (a generated log and the built-in data).")
 flags.DEFINE_string("stage", "", "Internal: run one stage (prepare, train) in this process and print its JSON.")
 flags.DEFINE_string("stage_args", "", "Internal: the stage's arguments, as JSON.")
 FLAGS = flags.FLAGS
@@ -95,10 +99,12 @@ def _train_stage(data_dir: str, workdir: str, steps: int, batch_size: int, ev: b
     else:
         config.synthetic.num_users = users
     mapping = _time_calls(host_embeddings.HostEmbeddings, "map_batch")
+    history = _mean_history(train, config.max_seq_length)
     start = time.perf_counter()
     result = train.train_and_evaluate(config, workdir)
     summary = result["train"]
     return {"seconds": time.perf_counter() - start, "samples_per_sec": summary["samples_per_sec"],
+            "mean_history": history["mean"],
             "compile_seconds": summary["compile_seconds"], "auc": result["eval"].get("auc"),
             "map_seconds_per_batch": mapping["seconds"] / max(mapping["calls"], 1), "map_calls": mapping["calls"],
             "map_cpu_seconds_per_batch": mapping["cpu_seconds"] / max(mapping["calls"], 1),
@@ -123,6 +129,21 @@ def _time_calls(cls: type, name: str) -> dict[str, float]:
 
     setattr(cls, name, timed)
     return totals
+
+
+def _mean_history(train_module, max_seq_length: int) -> dict[str, float]:
+    """Wraps train_module.load_data to record the train split's mean history length (positions kept)."""
+    result = {"mean": 0.0}
+    load_data = train_module.load_data
+
+    def measured(*args, **kwargs):
+        data = load_data(*args, **kwargs)
+        total = sum(int(np.minimum(lengths, max_seq_length).sum()) for lengths in mapped.chunks(data.train.hist_lengths))
+        result["mean"] = total / max(len(data.train), 1)
+        return data
+
+    train_module.load_data = measured
+    return result
 
 
 STAGES = {"prepare": _prepare_stage, "train": _train_stage}
@@ -178,42 +199,57 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
+def _generated_log(rows: int) -> str:
+    """The UserBehavior.csv of `rows` rows under --work_dir (behavior_log.taobao_spec(rows)), generated once."""
+    csv = os.path.join(FLAGS.work_dir, f"log{rows}", behavior_log.TAOBAO_FILE)
+    if not os.path.isfile(csv):
+        start = time.perf_counter()
+        behavior_log.write_taobao(os.path.dirname(csv), behavior_log.taobao_spec(rows))
+        print(f"generated {csv} in {time.perf_counter() - start:.0f} s", flush=True)
+    return csv
+
+
+def _prepare_row(csv: str, data_dir: str) -> str:
+    """Prepares `csv` into `data_dir` (every_event) and returns its row of the preparation table."""
+    prep = _run_stage("prepare", csv=csv, out_dir=data_dir, test_fraction=FLAGS.test_fraction)
+    stored, text = _directory_bytes(events.storage_files(data_dir)), text_bytes(data_dir)
+    return (f"| {prep['behaviors']:,} | {prep['positives']:,} | {prep['users']:,} | {prep['items']:,} | "
+            f"{2 * (prep['train_pairs'] + prep['test_pairs']):,} | {prep['seconds']:.0f} | "
+            f"{prep['behaviors'] / prep['seconds']:,.0f} | {_mb(prep['peak_rss'])} | {_mb(stored)} | {_mb(text)} |")
+
+
 def main(argv: list[str]) -> None:
     """Runs one stage (--stage), or generates, prepares, trains and prints both tables."""
     if FLAGS.stage:
         print(json.dumps(STAGES[FLAGS.stage](**json.loads(FLAGS.stage_args))))
         return
     os.makedirs(FLAGS.work_dir, exist_ok=True)
-    csv = FLAGS.csv
-    if not csv:
-        csv = os.path.join(FLAGS.work_dir, f"log{FLAGS.rows}", behavior_log.TAOBAO_FILE)
-        if not os.path.isfile(csv):
-            start = time.perf_counter()
-            behavior_log.write_taobao(os.path.dirname(csv), behavior_log.taobao_spec(FLAGS.rows))
-            print(f"generated {csv} in {time.perf_counter() - start:.0f} s", flush=True)
     data_dir = os.path.join(FLAGS.work_dir, "prepared")
-    prep = _run_stage("prepare", csv=csv, out_dir=data_dir, test_fraction=FLAGS.test_fraction)
-    stored, text = _directory_bytes(events.storage_files(data_dir)), text_bytes(data_dir)
+    baseline_dir = os.path.join(FLAGS.work_dir, f"prepared_{FLAGS.baseline_users}_users")
     print("\n| rows | positives | users | items | samples | prep s | rows/s | peak RSS | output | as DIEN text |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {prep['behaviors']:,} | {prep['positives']:,} | {prep['users']:,} | {prep['items']:,} | "
-          f"{2 * (prep['train_pairs'] + prep['test_pairs']):,} | {prep['seconds']:.0f} | "
-          f"{prep['behaviors'] / prep['seconds']:,.0f} | {_mb(prep['peak_rss'])} | {_mb(stored)} | {_mb(text)} |",
-          flush=True)
-    runs = {"every-event log": _run_stage("train", data_dir=data_dir, workdir=os.path.join(FLAGS.work_dir, "train"),
-                                          steps=FLAGS.steps, batch_size=FLAGS.batch_size, ev=FLAGS.ev, users=0),
-            f"built-in {FLAGS.baseline_users // 1000}k users": _run_stage(
-                "train", data_dir="", workdir=os.path.join(FLAGS.work_dir, "baseline"), steps=FLAGS.steps,
-                batch_size=FLAGS.batch_size, ev=FLAGS.ev, users=FLAGS.baseline_users)}
+    print(_prepare_row(FLAGS.csv or _generated_log(FLAGS.rows), data_dir), flush=True)
+    baseline_rows = round(FLAGS.baseline_users * behavior_log.mean_rows(behavior_log.TAOBAO_SPEC))
+    print(_prepare_row(_generated_log(baseline_rows), baseline_dir), flush=True)
+    train_run = lambda name, **data: _run_stage(  # noqa: E731
+        "train", workdir=os.path.join(FLAGS.work_dir, name), steps=FLAGS.steps, batch_size=FLAGS.batch_size,
+        ev=FLAGS.ev, **data)
+    users = f"{FLAGS.baseline_users // 1000}k users"
+    runs = {"every-event log": train_run("train", data_dir=data_dir, users=0),
+            f"every-event log, {users} (same generator)": train_run("train_baseline", data_dir=baseline_dir, users=0),
+            f"built-in data, {users}": train_run("baseline", data_dir="", users=FLAGS.baseline_users)}
+    like = runs[f"every-event log, {users} (same generator)"]["samples_per_sec"]
     print(f"\n{FLAGS.steps} steps of batch {FLAGS.batch_size}{', config.ev=true' if FLAGS.ev else ''}:")
-    print("| data | samples/s | peak RSS | anon peak | test AUC | map CPU ms/batch (wall) | map share (CPU / step) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| data | samples/s | vs same generator | mean history | positions/s | peak RSS | anon peak | test AUC | "
+          "map CPU ms/batch (wall) | map share (CPU / step) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, run in runs.items():
         step = FLAGS.batch_size / run["samples_per_sec"]
         share = run["map_cpu_seconds_per_batch"] / step if run["map_calls"] else 0.0
-        print(f"| {name} | {run['samples_per_sec']:,.0f} | {_mb(run['peak_rss'])} | {_mb(run['peak_anon'])} | "
-              f"{run['auc']:.4f} | {1000 * run['map_cpu_seconds_per_batch']:.2f} "
-              f"({1000 * run['map_seconds_per_batch']:.2f}) | {share:.1%} |")
+        print(f"| {name} | {run['samples_per_sec']:,.0f} | {run['samples_per_sec'] / like:.2f}x | "
+              f"{run['mean_history']:.1f} | {run['samples_per_sec'] * run['mean_history']:,.0f} | "
+              f"{_mb(run['peak_rss'])} | {_mb(run['peak_anon'])} | {run['auc']:.4f} | "
+              f"{1000 * run['map_cpu_seconds_per_batch']:.2f} ({1000 * run['map_seconds_per_batch']:.2f}) | {share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -51,13 +51,13 @@ def taobao_spec(rows: int = TAOBAO_ROWS, **fields) -> synthetic.SyntheticSpec:
     fraction = rows / TAOBAO_ROWS
     spec = dataclasses.replace(TAOBAO_SPEC, **fields)
     scaled = dataclasses.replace(
-        spec, num_users=max(round(rows / _mean_rows(spec)), 2),
+        spec, num_users=max(round(rows / mean_rows(spec)), 2),
         num_categories=max(round(spec.num_categories * fraction ** 0.5), spec.interests_per_user[1] + 1),
         num_items=max(round(spec.num_items * fraction ** 0.5), 2_000))
     return dataclasses.replace(scaled, **fields)
 
 
-def _mean_rows(spec: synthetic.SyntheticSpec) -> float:
+def mean_rows(spec: synthetic.SyntheticSpec) -> float:
     """Expected rows per user: min_reviews - 1 plus a geometric count capped at max_reviews - min_reviews + 1."""
     p = 1.0 / (spec.mean_reviews - spec.min_reviews + 1)
     return spec.min_reviews - 1 + (1 - (1 - p) ** (spec.max_reviews - spec.min_reviews + 1)) / p
