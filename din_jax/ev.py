@@ -128,6 +128,7 @@ def l2_weight(rows: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ helpers
 _NO_INIT = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+_NO_ALIASES = np.zeros(0, np.int32)  # an empty alias memo (never written: the memo grows into a new array)
 
 
 def _flat_ids(ids: np.ndarray) -> np.ndarray:
@@ -273,8 +274,12 @@ class IdMapping:
     num_rows: int
     _row_step: np.ndarray  # int64 [num_rows]: last training step that wrote the row, -1 never
 
-    def map(self, ids: np.ndarray, step: int, train: bool) -> Lookup:
-        """Rows of one global batch's ids (int64, any shape; < 0 padding) at global step `step`."""
+    def map(self, ids: np.ndarray, step: int, train: bool, aliases: np.ndarray | None = None) -> Lookup:
+        """Rows of one global batch's ids (int64, any shape; < 0 padding) at global step `step`.
+
+        aliases: optionally, a dense non-negative index of each id (its vocabulary index: equal aliases always
+        carry equal ids), which kinds keyed by raw ids use to remember ids' rows instead of probing their hash
+        table again; the rows are the same with or without it. Kinds keyed by the index itself ignore it."""
         raise NotImplementedError
 
     def initial_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +318,7 @@ class DenseVocabulary(IdMapping):
         self.num_rows = _positive_int("vocab_size", vocab_size)
         self._row_step = np.full(self.num_rows, -1, np.int64)
 
-    def map(self, ids: np.ndarray, step: int, train: bool) -> Lookup:
+    def map(self, ids: np.ndarray, step: int, train: bool, aliases: np.ndarray | None = None) -> Lookup:
         flat = _flat_ids(ids)
         if flat.size and flat.max() >= self.num_rows:
             raise ValueError(f"embedding '{self.name}': id {flat.max()} is outside its vocabulary of "
@@ -365,7 +370,7 @@ class MultiHash(IdMapping):
         self.num_rows = self.quotient_rows + self.remainder_rows
         self._row_step = np.full(self.num_rows, -1, np.int64)
 
-    def map(self, ids: np.ndarray, step: int, train: bool) -> Lookup:
+    def map(self, ids: np.ndarray, step: int, train: bool, aliases: np.ndarray | None = None) -> Lookup:
         flat = _flat_ids(ids)
         real = flat >= 0
         if self.hash_ids:
@@ -501,6 +506,7 @@ class _KeyedRows(IdMapping):
         self._row_step = np.full(num_rows, -1, np.int64)
         self._slot_ids = np.full(self.capacity, -1, np.int64)  # id holding each own row, -1 free
         self._index = _IdTable(self.capacity, slot=np.int32)
+        self._alias_slots = _NO_ALIASES  # own row of each alias met (map's aliases), -1 unknown
         self._free = np.zeros(0, np.int64)  # free slots below _next, ascending
         self._next = 0  # slots >= _next were never taken or are free
         self._admitted = self._fallback_lookups = self._evicted = 0
@@ -522,19 +528,20 @@ class _KeyedRows(IdMapping):
         """This feature's fixed default matrix [4096, dim]."""
         return default_matrix(self.seed, self.dim, self.initializer)
 
-    def map(self, ids: np.ndarray, step: int, train: bool) -> Lookup:
+    def map(self, ids: np.ndarray, step: int, train: bool, aliases: np.ndarray | None = None) -> Lookup:
         flat = _flat_ids(ids)
         real = np.flatnonzero(flat >= 0)
         real_ids = flat[real]
-        pos = self._index.find(real_ids)
-        slots = np.where(pos >= 0, self._index.cols["slot"][pos], -1)
+        real_aliases = None if aliases is None else _flat_ids(aliases)[real]
+        slots = self._own_slots(real_ids) if aliases is None else self._remembered_slots(real_ids, real_aliases)
         init = _NO_INIT
         miss = np.flatnonzero(slots < 0)
         if train and miss.size:
             init = self._admit(real_ids[miss], step)
             if init[0].size:
-                pos = self._index.find(real_ids[miss])
-                slots[miss] = np.where(pos >= 0, self._index.cols["slot"][pos], -1)
+                slots[miss] = self._own_slots(real_ids[miss])
+                if aliases is not None:
+                    self._alias_slots[real_aliases[miss]] = slots[miss]
                 miss = miss[slots[miss] < 0]
         slots[miss] = self._fallback(real_ids[miss])
         if train:
@@ -543,6 +550,25 @@ class _KeyedRows(IdMapping):
         out = np.full(flat.size, self.num_rows, np.int32)
         out[real] = slots
         return Lookup(out.reshape(np.shape(ids)), *init, self.num_rows)
+
+    def _own_slots(self, ids: np.ndarray) -> np.ndarray:
+        """The own row of each id, -1 where it has none."""
+        pos = self._index.find(ids)
+        return np.where(pos >= 0, self._index.cols["slot"][pos], -1)
+
+    def _remembered_slots(self, ids: np.ndarray, aliases: np.ndarray) -> np.ndarray:
+        """_own_slots through the alias memo: one gather for ids met before, a probe only for the others (whose
+        rows it then remembers). The memo holds own rows only, so it stays right until rows are freed."""
+        if aliases.size and aliases.max() >= self._alias_slots.size:
+            grown = np.full(max(int(aliases.max()) + 1, self._alias_slots.size * 5 // 4), -1, np.int32)
+            grown[:self._alias_slots.size] = self._alias_slots
+            self._alias_slots = grown
+        slots = self._alias_slots[aliases]
+        unknown = np.flatnonzero(slots < 0)
+        if unknown.size:
+            slots[unknown] = self._own_slots(ids[unknown])
+            self._alias_slots[aliases[unknown]] = slots[unknown]
+        return slots
 
     def _admit(self, ids: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Count the lookups of ids without a row, give rows to those that reach admit_after."""
@@ -615,6 +641,7 @@ class _KeyedRows(IdMapping):
             return Eviction(slots.astype(np.int32), ids)
         self._index.remove(self._index.find(ids))
         self._index.compact()
+        self._alias_slots = _NO_ALIASES  # freed rows may go to other ids
         self._slot_ids[slots] = -1
         self._clear_rows(slots)
         self._free = np.union1d(self._free, slots).astype(np.int64)
@@ -661,6 +688,7 @@ class _KeyedRows(IdMapping):
         self._free = np.flatnonzero(self._slot_ids[:self._next] < 0).astype(np.int64)
         self._index = _IdTable(self.capacity, slot=np.int32)
         self._index.insert(self._slot_ids[held], slot=held)
+        self._alias_slots = _NO_ALIASES
         if isinstance(self._counts, CountingBloomFilter):
             self._counts.counters = state["cbf_counters"]
         elif isinstance(self._counts, _ExactCounts):
@@ -675,7 +703,9 @@ class _KeyedRows(IdMapping):
 
     def stats(self) -> dict:
         """rows_held (own rows with an id), capacity, num_rows, waiting_ids (ids counted but without a
-        row: 'counter' and adaptive), host_bytes (this object's arrays), device_bytes_held /
+        row: 'counter' and adaptive), host_bytes (this object's arrays; not the alias memo, a cache of 4 bytes per
+        vocabulary index beside the 8 of HostEmbeddings' raw ids, so that a resumed run reports what a straight
+        one does), device_bytes_held /
         device_bytes (float32 rows held / allocated, before optimizer slots), admitted, evicted,
         fallback_lookups (training lookups without an own row: EV reads zero, adaptive its shared row)."""
         rows_held = int((self._slot_ids >= 0).sum())
@@ -774,8 +804,8 @@ class DynamicDimension(EmbeddingVariable):
         self._freq[unique] = self._decayed(unique, step) + counts
         super()._record(slots, step)
 
-    def map(self, ids: np.ndarray, step: int, train: bool) -> Lookup:
-        lookup = super().map(ids, step, train)
+    def map(self, ids: np.ndarray, step: int, train: bool, aliases: np.ndarray | None = None) -> Lookup:
+        lookup = super().map(ids, step, train, aliases)
         live = lookup.slots < lookup.num_rows
         slots = lookup.slots[live]
         freq = self._freq[slots] if train else self._decayed(slots, max(step, int(self._row_step.max(initial=-1))))

@@ -189,16 +189,19 @@ class HostEmbeddings:
                 continue
             columns = TABLES[table]
             feature = table.removesuffix("_table")
-            pieces = []
+            raw = self.raw_ids.get(feature)
+            pieces, indices = [], []
             for column in columns:
                 ids = np.asarray(batch[column]).astype(np.int64)
                 real = real_rows if ids.ndim == 1 else real_rows[:, None] & np.asarray(batch["hist_mask"])
-                if self.raw_ids.get(feature) is not None:
-                    ids = self.raw_ids[feature][ids]
+                if raw is not None:  # vocabulary index -> raw id; the index is the id's alias (ev.IdMapping.map)
+                    indices.append(ids.reshape(-1))
+                    ids = raw[ids]
                 else:
                     ids = np.where(ids < self.vocab_sizes[feature], ids, 0)
                 pieces.append(np.where(real, ids, -1).reshape(-1))
-            lookup = mapping.map(np.concatenate(pieces), step, train)
+            lookup = mapping.map(np.concatenate(pieces), step, train,
+                                 aliases=np.concatenate(indices) if raw is not None else None)
             if lookup.num_rows != mapping.num_rows or lookup.num_rows != self.specs[table].rows:
                 raise ev.CapacityError(f"embedding '{feature}' is full ({self.specs[table].rows} rows); raise "
                                        "config.ev_capacity (tables cannot grow during a run)")

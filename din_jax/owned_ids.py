@@ -112,7 +112,8 @@ class OwnedTable:
         mapping = self.mappings[k]
         now = step if train else max(step, self.latest_step)
         try:
-            lookup = mapping.map(np.repeat(self.raw[ids[real]], counts[real]), now, train)
+            indices = np.repeat(ids[real], counts[real])  # vocabulary indices: the raw ids' aliases
+            lookup = mapping.map(self.raw[indices], now, train, aliases=indices)
         except ev.CapacityError as e:
             raise ev.CapacityError(f"{e} (device {self.devices[k]} of {self.shards}: config.ev_capacity is split "
                                    "over the devices)") from None

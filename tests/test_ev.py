@@ -369,10 +369,12 @@ KIND_OPTIONS = [
 ]
 
 
-def run_stream(mapping, steps):
+def run_stream(mapping, steps, aliases: bool = False):
+    """Maps each batch (evaluation every 4th step), evicting every 5th; aliases: with each id's dense index."""
     outs = []
     for step, batch in steps:
-        outs.append(mapping.map(batch, step, train=step % 4 != 3))
+        alias = np.where(batch >= 0, batch // 7919, -1) if aliases else None
+        outs.append(mapping.map(batch, step, train=step % 4 != 3, aliases=alias))
         if step % 5 == 4 and hasattr(mapping, "evict_stale"):
             outs.append(mapping.evict_stale(step, steps_to_live=2))
     return outs
@@ -403,6 +405,36 @@ def test_state_dict_round_trip_gives_identical_later_mappings(kind, options):
 @pytest.mark.parametrize("kind,options", KIND_OPTIONS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KIND_OPTIONS)])
 def test_two_instances_fed_the_same_stream_agree(kind, options):
     assert_same(run_stream(ev.create(kind, **options), stream(4)), run_stream(ev.create(kind, **options), stream(4)))
+
+
+@pytest.mark.parametrize("kind,options", KIND_OPTIONS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KIND_OPTIONS)])
+def test_aliases_change_no_row_through_admission_eviction_growth_and_reload(kind, options):
+    steps = list(stream(5, steps=16))
+    plain, aliased = ev.create(kind, **options), ev.create(kind, **options)
+    assert_same(run_stream(plain, steps[:9]), run_stream(aliased, steps[:9], aliases=True))
+    state = aliased.state_dict()
+    later = run_stream(plain, steps[9:])
+    assert_same(later, run_stream(aliased, steps[9:], aliases=True))
+    assert all(np.array_equal(a, b) for a, b in zip(plain.state_dict().values(), aliased.state_dict().values()))
+    aliased.load_state_dict(state)  # back to step 9: rows it remembers from later steps no longer hold
+    assert_same(later, run_stream(aliased, steps[9:], aliases=True))
+
+
+def test_aliases_spare_the_hash_probe_of_ids_met_before_until_rows_are_freed(monkeypatch):
+    probed = []
+    find = ev._IdTable.find
+    monkeypatch.setattr(ev._IdTable, "find", lambda table, keys: probed.append(len(keys)) or find(table, keys))
+    var = ev.EmbeddingVariable(capacity=16, dim=4)
+    batch, alias = ids(11, 12, 13, 11, -1), np.array([1, 2, 3, 1, -1])
+    first = var.map(batch, 0, True, aliases=alias).slots
+    probed.clear()
+    assert np.array_equal(var.map(batch, 1, True, aliases=alias).slots, first) and probed == []
+    var.map(batch, 2, True)
+    assert probed == [4]  # without aliases every real id is probed
+    var.evict_stale(step=10, steps_to_live=1)  # frees all three rows
+    probed.clear()
+    slots = var.map(ids(13, 12), 11, True, aliases=np.array([3, 2])).slots
+    assert probed and np.array_equal(slots, [1, 0])  # probed afresh, re-admitted in id order into the freed rows
 
 
 def test_load_state_dict_rejects_a_state_of_other_options():
