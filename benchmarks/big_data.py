@@ -7,7 +7,7 @@ the same steps on two smaller data sets: a log of --baseline_users users from th
 the same way (every-event samples: like for like, so the ratio is what the data's size costs), and the
 built-in data of as many users (configs/default.py: one sample per user, short histories). Every run also
 reports its samples' mean history length (positions kept, at most max_seq_length) and history positions
-per second, the attention's work, which differ between the two kinds of data by 3-4x. Each stage runs in
+per second, the attention's work, which differ between the two kinds of data by ~3x. Each stage runs in
 its own process, which samples its resident memory every 20 ms: `peak RSS` is the kernel's high-water
 mark (VmHWM, file pages of memory-mapped columns included), `anon` the peak of the process's own memory
 (RssAnon: what it cannot give back; mapped columns are page cache the kernel reclaims when it needs to).
@@ -44,7 +44,8 @@ flags.DEFINE_float("test_fraction", 0.02, "--test_fraction of the preparation (t
 flags.DEFINE_integer("steps", 1000, "Train steps on each data set.")
 flags.DEFINE_integer("batch_size", 512, "Train batch size (seed README: 512).")
 flags.DEFINE_bool("ev", False, "EmbeddingVariable tables (--config.ev=true); times the host's id mapping.")
-flags.DEFINE_integer("baseline_users", 50_000, "Users of the comparison runs' data (a generated log and the built-in data).")
+flags.DEFINE_integer("baseline_users", 50_000,
+                     "Users of the comparison runs' data (a generated log and the built-in data).")
 flags.DEFINE_string("stage", "", "Internal: run one stage (prepare, train) in this process and print its JSON.")
 flags.DEFINE_string("stage_args", "", "Internal: the stage's arguments, as JSON.")
 FLAGS = flags.FLAGS
@@ -138,7 +139,8 @@ def _mean_history(train_module, max_seq_length: int) -> dict[str, float]:
 
     def measured(*args, **kwargs):
         data = load_data(*args, **kwargs)
-        total = sum(int(np.minimum(lengths, max_seq_length).sum()) for lengths in mapped.chunks(data.train.hist_lengths))
+        total = sum(int(np.minimum(lengths, max_seq_length).sum())
+                    for lengths in mapped.chunks(data.train.hist_lengths))
         result["mean"] = total / max(len(data.train), 1)
         return data
 
@@ -249,7 +251,8 @@ def main(argv: list[str]) -> None:
         print(f"| {name} | {run['samples_per_sec']:,.0f} | {run['samples_per_sec'] / like:.2f}x | "
               f"{run['mean_history']:.1f} | {run['samples_per_sec'] * run['mean_history']:,.0f} | "
               f"{_mb(run['peak_rss'])} | {_mb(run['peak_anon'])} | {run['auc']:.4f} | "
-              f"{1000 * run['map_cpu_seconds_per_batch']:.2f} ({1000 * run['map_seconds_per_batch']:.2f}) | {share:.1%} |")
+              f"{1000 * run['map_cpu_seconds_per_batch']:.2f} ({1000 * run['map_seconds_per_batch']:.2f}) | "
+              f"{share:.1%} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
   python benchmarks/generator_difficulty.py --num_users=50000 --num_items=40000 --num_categories=800
   python benchmarks/generator_difficulty.py --format=taobao --rows=20000000     # Taobao-shaped log, pv positives
+  python benchmarks/generator_difficulty.py --format=taobao --csv=/tmp/din_big_data/log100150807/UserBehavior.csv
   python benchmarks/generator_difficulty.py --explore_prob=0.2                  # any SyntheticSpec field
 
 Generates the data (Amazon review files, or a Taobao UserBehavior.csv), prepares it the DIEN way, trains
@@ -32,6 +33,8 @@ flags.DEFINE_string("workdir", "/tmp/din_generator_difficulty", "Data and run di
 flags.DEFINE_boolean("collapse", True, "Also train with items collapsed to their categories.")
 flags.DEFINE_integer("rows", 5_000_000, "taobao: rows of the log (Taobao's shape scaled, as behavior_log.taobao_spec).")
 flags.DEFINE_integer("seed", 0, "Generator seed.")
+flags.DEFINE_string("csv", "", "taobao: an existing UserBehavior.csv to prepare instead of generating one (e.g. the "
+                    "log big_data.py keeps; the same as generating it when it came from --rows and --seed).")
 flags.DEFINE_integer("steps", 0, "Train steps (0: one epoch).")
 for _field in dataclasses.fields(synthetic.SyntheticSpec):
     if _field.type in ("int", "float"):
@@ -52,7 +55,7 @@ def prepared(directory: str) -> str:
     """Generates and prepares the data set into `directory`/prepared."""
     raw, out = os.path.join(directory, "raw"), os.path.join(directory, "prepared")
     if flags.FLAGS.format == "taobao":
-        path = behavior_log.write_taobao(raw, spec(), flags.FLAGS.seed)
+        path = flags.FLAGS.csv or behavior_log.write_taobao(raw, spec(), flags.FLAGS.seed)
         print(taobao.prepare(path, out), file=sys.stderr)
     else:
         reviews, meta = synthetic.generate(raw, spec(), flags.FLAGS.seed)
@@ -96,7 +99,7 @@ def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     shutil.rmtree(flags.FLAGS.workdir, ignore_errors=True)
-    print(spec(), file=sys.stderr)
+    print(flags.FLAGS.csv or spec(), file=sys.stderr)
     data_dir = prepared(flags.FLAGS.workdir)
     runs = {"items": data_dir}
     if flags.FLAGS.collapse:
