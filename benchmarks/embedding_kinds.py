@@ -22,9 +22,10 @@ count x width x 4 x 3); "host" = the id mappings' host arrays (din_jax.ev stats 
 adds what its held rows' live blocks alone would take (din_jax stores every row at full width).
 
 Eviction (ev+gstep, ev+l2) runs at each checkpoint save, including the final one before evaluation, so its
-samples/s include the periodic saves. On the Books-size set the training loss drops from ~0.5 to ~0.02 within a
-few hundred steps at a point of the epoch that depends on the seed and the kind; a one-epoch AUC of ~0.84 means
-the run had not got there yet (see the final train loss column), so compare kinds over several --seeds.
+samples/s include the periodic saves. On the Books-size set most runs end the epoch at ~0.78 AUC, but a run can
+find the generator's series structure at a point that depends on the seed and the kind, and its loss then falls
+further (0.57 -> 0.34 in one README run, AUC 0.89; see the final train loss column), so compare kinds over
+several --seeds.
 """
 
 from __future__ import annotations
