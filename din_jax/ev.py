@@ -533,15 +533,13 @@ class _KeyedRows(IdMapping):
         real = np.flatnonzero(flat >= 0)
         real_ids = flat[real]
         real_aliases = None if aliases is None else _flat_ids(aliases)[real]
-        slots = self._own_slots(real_ids) if aliases is None else self._remembered_slots(real_ids, real_aliases)
+        slots = self._own_slots(real_ids, real_aliases)
         init = _NO_INIT
         miss = np.flatnonzero(slots < 0)
         if train and miss.size:
             init = self._admit(real_ids[miss], step)
-            if init[0].size:
-                slots[miss] = self._own_slots(real_ids[miss])
-                if aliases is not None:
-                    self._alias_slots[real_aliases[miss]] = slots[miss]
+            if init[0].size:  # the admitted ids' rows (and, with aliases, remembered from now on)
+                slots[miss] = self._own_slots(real_ids[miss], None if aliases is None else real_aliases[miss])
                 miss = miss[slots[miss] < 0]
         slots[miss] = self._fallback(real_ids[miss])
         if train:
@@ -551,14 +549,13 @@ class _KeyedRows(IdMapping):
         out[real] = slots
         return Lookup(out.reshape(np.shape(ids)), *init, self.num_rows)
 
-    def _own_slots(self, ids: np.ndarray) -> np.ndarray:
-        """The own row of each id, -1 where it has none."""
-        pos = self._index.find(ids)
-        return np.where(pos >= 0, self._index.cols["slot"][pos], -1)
-
-    def _remembered_slots(self, ids: np.ndarray, aliases: np.ndarray) -> np.ndarray:
-        """_own_slots through the alias memo: one gather for ids met before, a probe only for the others (whose
-        rows it then remembers). The memo holds own rows only, so it stays right until rows are freed."""
+    def _own_slots(self, ids: np.ndarray, aliases: np.ndarray | None = None) -> np.ndarray:
+        """The own row of each id, -1 where it has none: probed in the hash table, or with aliases through the
+        alias memo, one gather for ids met before and a probe only for the others (whose rows it then remembers).
+        The memo holds own rows only, so it stays right until rows are freed."""
+        if aliases is None:
+            pos = self._index.find(ids)
+            return np.where(pos >= 0, self._index.cols["slot"][pos], -1)
         if aliases.size and aliases.max() >= self._alias_slots.size:
             grown = np.full(max(int(aliases.max()) + 1, self._alias_slots.size * 5 // 4), -1, np.int32)
             grown[:self._alias_slots.size] = self._alias_slots
