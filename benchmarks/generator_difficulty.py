@@ -97,6 +97,8 @@ def run(data_dir: str, workdir: str) -> dict:
 def main(argv: list[str]) -> None:
     """Prepares, trains (and trains on the collapsed copy), prints one JSON line per run."""
     del argv
+    if flags.FLAGS.csv and flags.FLAGS.format != "taobao":
+        raise app.UsageError(f"--csv={flags.FLAGS.csv} is a Taobao UserBehavior.csv: add --format=taobao")
     logging.set_verbosity(logging.WARNING)
     shutil.rmtree(flags.FLAGS.workdir, ignore_errors=True)
     print(flags.FLAGS.csv or spec(), file=sys.stderr)
